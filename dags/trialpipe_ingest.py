@@ -1,0 +1,43 @@
+"""Ingest DAG: one run per uploaded batch (run conf: ``{"batch_id": ...}``).
+
+claim -> deidentify -> verify -> validate -> write_tables -> route -> finalize
+
+Wiring only: every task calls the function of the same name in ``pipeline.batch`` with the
+batch ID and returns the path that function wrote. Imports of the pipeline happen inside the
+tasks so the DAG file parses fast. Nothing but batch IDs and paths passes through XCom.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pendulum
+from airflow.sdk import chain, dag, get_current_context, task
+
+STEPS = ("claim", "deidentify", "verify", "validate", "write_tables", "route", "finalize")
+
+
+def _run_step(step: str) -> str:
+    from pipeline.batch import run_task
+
+    conf = get_current_context()["dag_run"].conf or {}
+    return run_task(step, str(conf["batch_id"]))
+
+
+@dag(
+    dag_id="trialpipe_ingest",
+    description="De-identify, verify, validate, tabulate and route one site batch",
+    schedule=None,
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    is_paused_upon_creation=False,
+    max_active_runs=4,
+    default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=5)},
+    tags=["trialpipe"],
+)
+def trialpipe_ingest() -> None:
+    tasks = [task(task_id=step)(_run_step)(step) for step in STEPS]
+    chain(*tasks)
+
+
+trialpipe_ingest()

@@ -1,0 +1,58 @@
+"""Atomic writes: a temporary name in the target folder, fsync, then rename into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _temp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_with(target: Path, writer: Callable[[Path], None]) -> Path:
+    """Call ``writer(tmp_path)`` then rename the finished file to ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(target)
+    try:
+        writer(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def write_bytes(target: Path, data: bytes) -> Path:
+    """Write ``data`` to ``target`` atomically."""
+    return write_with(target, lambda tmp: tmp.write_bytes(data))
+
+
+def write_json(target: Path, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON to ``target`` atomically."""
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str)
+    return write_with(target, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def copy_file(source: Path, target: Path) -> Path:
+    """Copy ``source`` to ``target`` atomically."""
+    return write_with(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def move_file(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target``; idempotent when the move already happened."""
+    if not source.exists() and target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(source, target)
+    except OSError:
+        # Different filesystems: copy atomically, then drop the source.
+        copy_file(source, target)
+        source.unlink()

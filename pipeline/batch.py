@@ -1,0 +1,415 @@
+"""One function per ingest task. Each takes the data home and a batch ID, does its step for
+the whole batch, and returns the path of what it wrote; the DAG and the CLI call these same
+functions. Paths and batch IDs are all that leave a task: never values from a file.
+
+claim -> deidentify -> verify -> validate -> write_tables -> route -> finalize
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline import __version__, atomic, intake, ledger, restricted, tables
+from pipeline.deidentify import DeidentificationError, Deidentifier, Subject
+from pipeline.dicomio import read_dicom
+from pipeline.enrollment import lookup
+from pipeline.home import DataHome
+from pipeline.protocol import ProtocolError, load_protocol
+from pipeline.pseudonyms import patient_fingerprint, trial_secret
+from pipeline.reasons import BatchState, Disposition, Reason
+from pipeline.recipe import compose
+from pipeline.verify import identifying_values, residual_phi
+from pipeline.worklist import FileEntry, Worklist
+
+log = logging.getLogger("trialpipe.batch")
+
+
+def _state(home: DataHome, batch_id: str, task: str) -> Path:
+    return home.claimed_batch(batch_id) / "state" / f"{task}.json"
+
+
+def _load(home: DataHome, batch_id: str, task: str) -> Worklist:
+    return Worklist.load(_state(home, batch_id, task))
+
+
+def _staged(home: DataHome, batch_id: str, file_no: int) -> Path:
+    return home.claimed_batch(batch_id) / "staged" / f"{file_no:06d}.dcm"
+
+
+def _original(home: DataHome, batch_id: str, entry: FileEntry) -> Path:
+    return home.claimed_batch(batch_id) / intake.FILES / entry.path
+
+
+def claim(home: DataHome, batch_id: str) -> Path:
+    """Move the batch out of the upload area and check its manifest and subject."""
+    home.ensure()
+    folder = intake.claim(home, batch_id)
+    target = _state(home, batch_id, "claim")
+    if target.exists():
+        return target
+    protocol_id, site_id = _upload_origin(folder)
+    manifest = intake.read_manifest(folder) or {}
+    worklist = Worklist(
+        batch_id=batch_id,
+        protocol_id=str(manifest.get("protocol_id") or protocol_id),
+        site_id=str(manifest.get("site_id") or site_id),
+        subject_id=str(manifest.get("subject_id", "")),
+        visit=str(manifest.get("visit", "")),
+    )
+    ledger.register_batch(
+        home,
+        {**manifest, "protocol_id": worklist.protocol_id, "site_id": worklist.site_id},
+        batch_id,
+    )
+    listed = manifest.get("files") if isinstance(manifest.get("files"), list) else []
+    for number, item in enumerate(listed):
+        worklist.files.append(
+            FileEntry(number, str(item.get("path", "")), item.get("sha256"), item.get("size"))
+        )
+    known = {entry.path for entry in worklist.files}
+    for path in sorted((folder / intake.FILES).rglob("*")):
+        relative = path.relative_to(folder / intake.FILES).as_posix()
+        if path.is_file() and relative not in known:
+            extra = FileEntry(len(worklist.files), relative, None, path.stat().st_size)
+            extra.refuse(Reason.CHECKSUM_MISMATCH, "file not listed in the manifest")
+            worklist.files.append(extra)
+    problem = _manifest_problem(manifest, protocol_id, site_id)
+    if problem:
+        worklist.refuse_batch(Reason.MANIFEST_INVALID, problem)
+    else:
+        enrolled = lookup(home, worklist.protocol_id, worklist.subject_id)
+        if enrolled is None or enrolled.site_id != worklist.site_id:
+            worklist.refuse_batch(Reason.UNENROLLED_SUBJECT, "subject not enrolled at this site")
+        else:
+            worklist.arm = enrolled.arm
+    ledger.set_state(
+        home,
+        batch_id,
+        BatchState.PROCESSING,
+        "claimed",
+        recipe_version=_recipe_version(worklist.protocol_id),
+        code_version=__version__,
+    )
+    log.info("claimed batch %s: %d files", batch_id, len(worklist.files))
+    return worklist.save(target)
+
+
+def _upload_origin(folder: Path) -> tuple[str, str]:
+    """Protocol and site as given by the folder the batch was uploaded to."""
+    origin = intake.read_origin(folder)
+    return origin.get("protocol_id", ""), origin.get("site_id", "")
+
+
+def _manifest_problem(manifest: dict, protocol_id: str, site_id: str) -> str | None:
+    if not manifest:
+        return "manifest.json missing or unreadable"
+    if protocol_id and manifest.get("protocol_id") != protocol_id:
+        return "manifest names another protocol than the upload folder"
+    if site_id and manifest.get("site_id") != site_id:
+        return "manifest names another site than the upload folder"
+    try:
+        protocol = load_protocol(str(manifest.get("protocol_id")))
+    except ProtocolError:
+        return "manifest names an unknown protocol"
+    if manifest.get("site_id") not in protocol.sites:
+        return "manifest names an unknown site"
+    if manifest.get("visit") not in protocol.visit_ids:
+        return "manifest names an unknown visit"
+    if not isinstance(manifest.get("files"), list) or not manifest["files"]:
+        return "manifest lists no files"
+    return None
+
+
+def _recipe_version(protocol_id: str) -> str | None:
+    try:
+        return load_protocol(protocol_id).recipe_version
+    except ProtocolError:
+        return None
+
+
+def deidentify(home: DataHome, batch_id: str) -> Path:
+    """De-identify every readable file into ``staged/``; check the batch is one patient,
+    the same patient as the subject's earlier batches."""
+    worklist = _load(home, batch_id, "claim")
+    if worklist.batch_reason:
+        return worklist.save(_state(home, batch_id, "deidentify"))
+    protocol = load_protocol(worklist.protocol_id)
+    enrollee = lookup(home, worklist.protocol_id, worklist.subject_id)
+    assert enrollee is not None  # claim refused the batch otherwise
+    deidentifier = Deidentifier(home, protocol, Subject(enrollee, worklist.visit))
+    key = trial_secret(home, protocol.protocol_id)
+    fingerprints: set[str] = set()
+    crosswalk: dict[tuple[str, str], str] = {}
+    for entry in worklist.in_play():
+        source = _original(home, batch_id, entry)
+        if not source.exists():
+            entry.refuse(Reason.FILE_MISSING)
+            continue
+        if entry.sha256 and intake.sha256_file(source) != entry.sha256:
+            entry.refuse(Reason.CHECKSUM_MISMATCH)
+            continue
+        read = read_dicom(source)
+        if read.reason:
+            entry.refuse(read.reason)
+            continue
+        ds = read.dataset
+        fingerprints.add(
+            patient_fingerprint(
+                key,
+                str(ds.get("PatientID", "") or ""),
+                str(ds.get("PatientName", "") or ""),
+                str(ds.get("PatientBirthDate", "") or ""),
+            )
+        )
+        try:
+            outcome = deidentifier.apply(ds)
+        except DeidentificationError as error:
+            entry.refuse(Reason.DEID_FAILED, str(error))
+            continue
+        staged = _staged(home, batch_id, entry.file_no)
+        atomic.write_with(staged, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+        entry.staged = str(staged.relative_to(home.claimed_batch(batch_id)))
+        entry.sha256_out = intake.sha256_file(staged)
+        entry.size_out = staged.stat().st_size
+        entry.sop_uid, entry.study_uid, entry.series_uid = (
+            outcome.sop_uid,
+            outcome.study_uid,
+            outcome.series_uid,
+        )
+        crosswalk.update(outcome.crosswalk)
+    if not fingerprints:
+        worklist.refuse_batch(Reason.NO_DICOM_IN_BATCH)
+    elif len(fingerprints) > 1:
+        worklist.refuse_batch(Reason.MIXED_PATIENTS, f"{len(fingerprints)} patients in one batch")
+    elif not restricted.link_patient(
+        home, protocol.protocol_id, worklist.subject_id, next(iter(fingerprints)), batch_id
+    ):
+        worklist.refuse_batch(Reason.PATIENT_MISMATCH)
+    if not worklist.batch_reason:
+        restricted.record_crosswalk(home, protocol.protocol_id, crosswalk)
+    log.info("de-identified batch %s: %d files staged", batch_id, len(worklist.in_play()))
+    return worklist.save(_state(home, batch_id, "deidentify"))
+
+
+def verify(home: DataHome, batch_id: str) -> Path:
+    """Quarantine any staged file that still holds an identifying value of its original."""
+    worklist = _load(home, batch_id, "deidentify")
+    if worklist.in_play():
+        kept = compose(load_protocol(worklist.protocol_id).recipe_files).kept
+        for entry in worklist.in_play():
+            original = read_dicom(_original(home, batch_id, entry), stop_before_pixels=True)
+            output = read_dicom(home.claimed_batch(batch_id) / str(entry.staged))
+            if original.dataset is None or output.dataset is None:
+                entry.refuse(Reason.DEID_FAILED, "de-identified file could not be re-read")
+                continue
+            hits = residual_phi(identifying_values(original.dataset, kept), output.dataset)
+            if hits:
+                entry.refuse(Reason.RESIDUAL_PHI, "identifying value left in " + ", ".join(hits))
+    log.info("verified batch %s: %d files clean", batch_id, len(worklist.in_play()))
+    return worklist.save(_state(home, batch_id, "verify"))
+
+
+def validate(home: DataHome, batch_id: str) -> Path:
+    """Check the protocol's required tags (Great Expectations) and spot duplicates."""
+    from pipeline import validate as rules
+
+    worklist = _load(home, batch_id, "verify")
+    entries = worklist.in_play()
+    if entries:
+        protocol = load_protocol(worklist.protocol_id)
+        wanted = rules.required_keywords(protocol) | {"Modality"}
+        metadata = []
+        for entry in entries:
+            ds = read_dicom(
+                home.claimed_batch(batch_id) / str(entry.staged), stop_before_pixels=True
+            ).dataset
+            row = tables.instance_row(ds, protocol.date_anchor)
+            entry.row = {
+                k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()
+            }
+            metadata.append({"file_no": entry.file_no, **{k: ds.get(k) for k in wanted if k in ds}})
+        by_no = {entry.file_no: entry for entry in entries}
+        for finding in rules.check_batch(protocol, metadata):
+            entry = by_no[finding.file_no]
+            if finding.quarantine and entry.reason is None:
+                entry.refuse(finding.reason, finding.detail)
+            elif not finding.quarantine:
+                entry.flags.append(finding.detail)
+        _mark_duplicates(home, worklist)
+    log.info("validated batch %s: %d files pass", batch_id, len(worklist.in_play()))
+    return worklist.save(_state(home, batch_id, "validate"))
+
+
+def _mark_duplicates(home: DataHome, worklist: Worklist) -> None:
+    """Same instance already archived: same bytes -> duplicate, other bytes -> conflict."""
+    seen: dict[str, str] = {}
+    for entry in worklist.in_play():
+        uid = str(entry.sop_uid)
+        if uid in seen:
+            if seen[uid] == entry.sha256_out:
+                entry.duplicate = True
+            else:
+                entry.refuse(Reason.SOP_INSTANCE_CONFLICT, "two files of this batch")
+            continue
+        seen[uid] = str(entry.sha256_out)
+        owner = ledger.archived_owner(home, uid)
+        if owner is None or owner["batch_id"] == worklist.batch_id:
+            continue
+        if owner["sha256_out"] == entry.sha256_out:
+            entry.duplicate = True
+        else:
+            entry.refuse(Reason.SOP_INSTANCE_CONFLICT, "differs from the archived instance")
+
+
+def _archive_relative(worklist: Worklist, entry: FileEntry) -> str:
+    return "/".join(
+        [
+            worklist.protocol_id,
+            str(worklist.arm),
+            worklist.subject_id,
+            worklist.visit,
+            str(entry.study_uid),
+            str(entry.series_uid),
+            f"{entry.sop_uid}.dcm",
+        ]
+    )
+
+
+def write_tables(home: DataHome, batch_id: str) -> Path:
+    """Write the batch's rows of the instances table (replacing any earlier run's file)."""
+    worklist = _load(home, batch_id, "validate")
+    protocol_version = _recipe_version(worklist.protocol_id) or ""
+    rows = []
+    for entry in worklist.in_play():
+        entry.archive_path = _archive_relative(worklist, entry)
+        rows.append(
+            {
+                **(entry.row or {}),
+                "batch_id": batch_id,
+                "subject_id": worklist.subject_id,
+                "arm": worklist.arm,
+                "visit": worklist.visit,
+                "file_size_bytes": entry.size_out,
+                "sha256": entry.sha256_out,
+                "archive_path": entry.archive_path,
+                "recipe_version": protocol_version,
+                "code_version": __version__,
+            }
+        )
+    if worklist.protocol_id and worklist.site_id:
+        tables.write_batch(
+            home, "instances", worklist.protocol_id, worklist.site_id, batch_id, rows
+        )
+    log.info("tables for batch %s: %d instance rows", batch_id, len(rows))
+    return worklist.save(_state(home, batch_id, "tables"))
+
+
+def route(home: DataHome, batch_id: str) -> Path:
+    """Copy each verified, validated file into its arm archive (atomic, idempotent)."""
+    worklist = _load(home, batch_id, "tables")
+    for entry in worklist.in_play():
+        target = home.archive / str(entry.archive_path)
+        if not (target.exists() and intake.sha256_file(target) == entry.sha256_out):
+            atomic.copy_file(home.claimed_batch(batch_id) / str(entry.staged), target)
+        ledger.claim_archive_slot(
+            home,
+            str(entry.sop_uid),
+            batch_id,
+            entry.file_no,
+            str(entry.sha256_out),
+            str(entry.archive_path),
+        )
+    log.info("routed batch %s: %d files archived", batch_id, len(worklist.in_play()))
+    return worklist.save(_state(home, batch_id, "route"))
+
+
+def finalize(home: DataHome, batch_id: str) -> Path:
+    """Quarantine refused originals with reasons, keep the rest in the restricted store,
+    record every file's disposition in the ledger and close the batch."""
+    from pipeline import quarantine
+
+    folder = home.claimed_batch(batch_id)
+    if not folder.exists():
+        return home.quarantined_batch(batch_id)  # finalized by an earlier attempt
+    worklist = _load(home, batch_id, "route")
+    records = []
+    refused = []
+    for entry in worklist.files:
+        if worklist.batch_reason or entry.reason:
+            reason = worklist.batch_reason or entry.reason
+            detail = worklist.batch_detail if worklist.batch_reason else entry.detail
+            refused.append((entry, str(reason), detail))
+            records.append(
+                ledger.FileRecord(
+                    entry.file_no, entry.sha256, entry.size, Disposition.QUARANTINED, reason, detail
+                )
+            )
+        elif entry.duplicate:
+            records.append(
+                ledger.FileRecord(
+                    entry.file_no,
+                    entry.sha256,
+                    entry.size,
+                    Disposition.DUPLICATE,
+                    None,
+                    None,
+                    entry.sha256_out,
+                )
+            )
+        else:
+            records.append(
+                ledger.FileRecord(
+                    entry.file_no,
+                    entry.sha256,
+                    entry.size,
+                    Disposition.ARCHIVED,
+                    None,
+                    "; ".join(entry.flags) or None,
+                    entry.sha256_out,
+                    entry.archive_path,
+                )
+            )
+    if refused:
+        quarantine.put(home, worklist, refused)
+    kept = [entry for entry in worklist.files if not (worklist.batch_reason or entry.reason)]
+    for entry in kept:
+        atomic.move_file(
+            _original(home, batch_id, entry), home.originals(batch_id) / intake.FILES / entry.path
+        )
+    if kept and (folder / intake.MANIFEST).exists():
+        atomic.copy_file(folder / intake.MANIFEST, home.originals(batch_id) / intake.MANIFEST)
+    ledger.record_files(home, batch_id, records)
+    state = BatchState.QUARANTINED if worklist.batch_reason else BatchState.DONE
+    ledger.set_state(home, batch_id, state, worklist.batch_reason, reason=worklist.batch_reason)
+    summary = atomic.write_json(
+        home.batch_record(batch_id),
+        {
+            "batch_id": batch_id,
+            "state": state.value,
+            "reason": worklist.batch_reason,
+            "files": [asdict(record) for record in records],
+        },
+    )
+    intake.remove_tree(folder)
+    log.info("finalized batch %s: %s", batch_id, state.value)
+    return summary
+
+
+TASKS = {
+    "claim": claim,
+    "deidentify": deidentify,
+    "verify": verify,
+    "validate": validate,
+    "write_tables": write_tables,
+    "route": route,
+    "finalize": finalize,
+}
+
+
+def run_task(step: str, batch_id: str, home: DataHome | None = None) -> str:
+    """Run one named task for a batch (the DAG's single entry point); return its path."""
+    from pipeline.home import data_home
+
+    return str(TASKS[step](home or data_home(), batch_id))

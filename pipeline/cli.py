@@ -1,0 +1,209 @@
+"""``trialpipe``: the command line for site coordinators, data managers and statisticians.
+
+Every command answers with a clear message and a nonzero exit on refusal, never a
+traceback. Commands that process batches call the same functions as the Airflow DAG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.home import DataHome, data_home
+
+EXIT_REFUSED = 2
+
+
+class Refused(Exception):
+    """A command refused with a message for the person at the keyboard."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    home = data_home(args.home)
+    try:
+        return int(args.handler(home, args) or 0)
+    except Refused as refusal:
+        print(f"trialpipe: {refusal}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trialpipe", description=__doc__.splitlines()[0])
+    parser.add_argument("--home", help="data home (default: $TRIALPIPE_HOME or ~/trialpipe-home)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    enroll = commands.add_parser("enroll", help="import the enrollment/randomization list")
+    enroll.add_argument("--protocol", required=True)
+    enroll.add_argument("csv", type=Path, metavar="CSV")
+    enroll.set_defaults(handler=cmd_enroll)
+
+    upload = commands.add_parser("upload", help="stage one batch (one subject, one visit)")
+    _batch_identity(upload)
+    upload.add_argument("--uploader", help="who uploads (default: the login name)")
+    upload.add_argument("paths", type=Path, nargs="+", metavar="PATH")
+    upload.set_defaults(handler=cmd_upload)
+
+    run = commands.add_parser("run", help="process every READY batch through the Airflow DAG")
+    run.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
+    run.set_defaults(handler=cmd_run)
+
+    status = commands.add_parser("status", help="one row per batch")
+    status.add_argument("--json", action="store_true", help="print a JSON list")
+    status.set_defaults(handler=cmd_status)
+
+    deid = commands.add_parser("deid", help="de-identify a folder as a dry run (no archive)")
+    _batch_identity(deid)
+    deid.add_argument("input_dir", type=Path, metavar="INPUT_DIR")
+    deid.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
+    deid.set_defaults(handler=cmd_deid)
+
+    demo = commands.add_parser("demo", help="run a synthetic multi-site trial end to end")
+    demo.add_argument("--subjects-per-site", type=int, default=2)
+    demo.set_defaults(handler=cmd_demo)
+
+    ui = commands.add_parser("ui", help="serve the Airflow UI of the embedded data home")
+    ui.add_argument("--port", type=int, default=8080)
+    ui.set_defaults(handler=cmd_ui)
+    return parser
+
+
+def _batch_identity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--protocol", required=True)
+    parser.add_argument("--site", required=True)
+    parser.add_argument("--subject", required=True)
+    parser.add_argument("--visit", required=True)
+
+
+def _protocol(protocol_id: str):  # type: ignore[no-untyped-def]
+    from pipeline.protocol import ProtocolError, load_protocol
+
+    try:
+        return load_protocol(protocol_id)
+    except ProtocolError as error:
+        raise Refused(str(error)) from None
+
+
+def cmd_enroll(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline.enrollment import EnrollmentError, import_csv
+
+    protocol = _protocol(args.protocol)
+    home.ensure()
+    try:
+        result = import_csv(home, protocol, args.csv)
+    except EnrollmentError as error:
+        raise Refused(f"enrollment list refused, nothing imported: {error}") from None
+    print(f"enrolled {result.added} new subject(s); {result.unchanged} already enrolled")
+    return 0
+
+
+def cmd_upload(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline.intake import UploadRefused, stage_batch
+
+    try:
+        batch_id = stage_batch(
+            home,
+            args.protocol,
+            args.site,
+            args.subject,
+            args.visit,
+            args.paths,
+            uploader=args.uploader,
+        )
+    except UploadRefused as error:
+        raise Refused(f"upload refused: {error}") from None
+    print(batch_id)
+    return 0
+
+
+def cmd_run(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline.embedded import EmbeddedAirflowError, run_ready_batches
+
+    try:
+        outcome = run_ready_batches(home, timeout=args.timeout)
+    except EmbeddedAirflowError as error:
+        raise Refused(str(error)) from None
+    for batch_id, state in outcome.items():
+        print(f"{batch_id}: {state}")
+    if not outcome:
+        print("no READY batches")
+    failed = [b for b, s in outcome.items() if s != "success"]
+    if failed:
+        print(f"{len(failed)} DAG run(s) did not succeed; see `trialpipe ui`", file=sys.stderr)
+        return 1
+    return 0
+
+
+STATUS_COLUMNS = (
+    "batch_id",
+    "site_id",
+    "subject_id",
+    "visit",
+    "state",
+    "files",
+    "archived",
+    "quarantined",
+    "duplicates",
+)
+
+
+def cmd_status(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline import ledger
+
+    rows = [{c: row[c] for c in STATUS_COLUMNS} for row in ledger.batch_rows(home)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(_table(rows, STATUS_COLUMNS))
+    return 0
+
+
+def _table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    widths = {c: max([len(c), *(len(str(r[c])) for r in rows)]) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_deid(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline.dryrun import DryRunRefused, deidentify_folder
+
+    try:
+        report = deidentify_folder(
+            home,
+            args.protocol,
+            args.site,
+            args.subject,
+            args.visit,
+            args.input_dir,
+            args.output_dir,
+        )
+    except DryRunRefused as error:
+        raise Refused(str(error)) from None
+    done = sum(1 for f in report["files"] if f["reason"] is None)
+    print(f"de-identified {done} of {len(report['files'])} file(s) into {args.output_dir}")
+    for item in report["files"]:
+        if item["reason"]:
+            print(f"  {item['path']}: {item['reason']} ({item['detail'] or ''})".rstrip(" ()"))
+    print(f"report: {args.output_dir / 'deid-report.json'}")
+    return 0
+
+
+def cmd_demo(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    print(run_demo(home, subjects_per_site=args.subjects_per_site))
+    return 0
+
+
+def cmd_ui(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline.embedded import serve_ui
+
+    return serve_ui(home, port=args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""De-identification of one file with the protocol's composed recipe, applied by deid.
+
+A :class:`Deidentifier` is built once per batch (recipe parsed once, secret read once) and
+applied to each file. deid does the recipe's work; this module supplies the functions and
+variables the recipe names (keyed UIDs, shifted dates, cleaned descriptions, trial IDs) and
+stamps what was done (PS3.3 C.7.1.3 De-identification Method Code Sequence, CID 7050).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
+
+from pipeline import __version__, pseudonyms
+from pipeline.enrollment import Enrollee
+from pipeline.home import DataHome
+from pipeline.protocol import Protocol
+from pipeline.recipe import ComposedRecipe, compose
+from pipeline.verify import IdentifyingValues, identifying_values
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import deid.dicom  # noqa: F401 - importing it sets deid's logger level, reset below
+    from deid.config import DeidRecipe
+    from deid.dicom.fields import _get_fields_inner
+    from deid.dicom.parser import DicomParser
+    from deid.logger import bot
+
+# deid logs to stdout and keeps every message in memory; some messages quote values.
+bot.level = 0
+
+# CID 7050 De-identification Methods: the profile and each option a protocol can claim.
+PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
+OPTION_CODES: dict[str, tuple[str, str]] = {
+    "clean_pixel_data": ("113101", "Clean Pixel Data Option"),
+    "clean_recognizable_visual_features": ("113102", "Clean Recognizable Visual Features Option"),
+    "clean_graphics": ("113103", "Clean Graphics Option"),
+    "clean_structured_content": ("113104", "Clean Structured Content Option"),
+    "clean_descriptors": ("113105", "Clean Descriptors Option"),
+    "retain_longitudinal_full_dates": (
+        "113106",
+        "Retain Longitudinal Temporal Information Full Dates Option",
+    ),
+    "retain_longitudinal_modified_dates": (
+        "113107",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ),
+    "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
+    "retain_device_identity": ("113109", "Retain Device Identity Option"),
+    "retain_uids": ("113110", "Retain UIDs Option"),
+    "retain_safe_private": ("113111", "Retain Safe Private Option"),
+    "retain_institution_identity": ("113112", "Retain Institution Identity Option"),
+}
+CROSSWALK_KINDS = {
+    "StudyInstanceUID": "study",
+    "SeriesInstanceUID": "series",
+    "SOPInstanceUID": "instance",
+}
+
+
+class DeidentificationError(RuntimeError):
+    """The recipe could not be applied to a file (the message holds no values)."""
+
+
+@dataclass
+class Outcome:
+    """What de-identifying one file produced: pseudonyms and crosswalk entries."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    crosswalk: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The trial subject a batch belongs to, and the visit."""
+
+    enrollee: Enrollee
+    visit: str
+
+
+class Deidentifier:
+    """Applies one protocol's recipe for one subject and visit; build once per batch."""
+
+    def __init__(self, home: DataHome, protocol: Protocol, subject: Subject) -> None:
+        self.protocol = protocol
+        self.subject = subject
+        self.key = pseudonyms.trial_secret(home, protocol.protocol_id)
+        self.composed: ComposedRecipe = compose(protocol.recipe_files)
+        self.recipe = DeidRecipe(str(self.composed.path))
+        self.offset = pseudonyms.date_offset_days(
+            subject.enrollee.randomization_date, protocol.date_anchor
+        )
+        visit = next((v for v in protocol.visits if v.visit_id == subject.visit), None)
+        self.variables = {
+            "subject_id": subject.enrollee.subject_id,
+            "site_id": subject.enrollee.site_id,
+            "visit": subject.visit,
+            "visit_description": f"{subject.visit} (day {visit.day})" if visit else subject.visit,
+            "protocol_id": protocol.protocol_id,
+            "protocol_name": protocol.name[:64],
+            "sponsor": protocol.sponsor[:64],
+        }
+
+    def map_uid(self, original: str) -> str:
+        """The pseudonym of a UID (registered DICOM UIDs are not identifiers: kept)."""
+        text = str(original).strip()
+        if not text or text in UID_dictionary:
+            return text
+        return pseudonyms.pseudonymous_uid(self.key, self.protocol.uid_root, text)
+
+    def shift_date(self, value: str) -> str:
+        """A DA or DT value moved by the subject's offset; anything unparseable is emptied."""
+        text = str(value).strip()
+        if len(text) < 8 or not text[:8].isdigit():
+            return ""
+        try:
+            day = dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+        except ValueError:
+            return ""
+        return (day + dt.timedelta(days=self.offset)).strftime("%Y%m%d") + text[8:]
+
+    def apply(self, ds: FileDataset) -> Outcome:
+        """De-identify ``ds`` in place; raise :class:`DeidentificationError` on failure."""
+        original = identifying_values(ds, self.composed.kept)
+        outcome = Outcome("", "", "")
+        parser = DicomParser(ds, recipe=self.recipe)
+        parser.lookup.update(self.variables)
+        parser.lookup.update(self._functions(original, outcome))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                parser.parse(remove_private=True)
+        except Exception as error:
+            raise DeidentificationError(f"recipe failed ({type(error).__name__})") from None
+        finally:
+            _get_fields_inner.cache_clear()
+            bot.history.clear()
+        result = parser.dicom
+        self._stamp(result)
+        outcome.study_uid = str(result.get("StudyInstanceUID", ""))
+        outcome.series_uid = str(result.get("SeriesInstanceUID", ""))
+        outcome.sop_uid = str(result.get("SOPInstanceUID", ""))
+        return outcome
+
+    def _functions(self, original: IdentifyingValues, outcome: Outcome) -> dict[str, Callable]:
+        def uid(item: Any, value: Any, field: Any, dicom: Any = None, **_: Any) -> Any:
+            element = field.element
+            if element.tag.group == 0x0002 and element.keyword != "MediaStorageSOPInstanceUID":
+                return element.value
+            kind = CROSSWALK_KINDS.get(element.keyword)
+            return _each(element.value, lambda v: self._record(outcome, kind, v))
+
+        def shift_date(item: Any, value: Any, field: Any, dicom: Any = None, **_: Any) -> Any:
+            return _each(field.element.value, self.shift_date)
+
+        def clean_text(item: Any, value: Any, field: Any, dicom: Any = None, **_: Any) -> Any:
+            return _each(field.element.value, lambda v: original.scrub(str(v)))
+
+        return {"uid": uid, "shift_date": shift_date, "clean_text": clean_text}
+
+    def _record(self, outcome: Outcome, kind: str | None, value: str) -> str:
+        new = self.map_uid(value)
+        if kind and new != value:
+            outcome.crosswalk[(kind, str(value).strip())] = new
+        return new
+
+    def _stamp(self, ds: Dataset) -> None:
+        ds.PatientIdentityRemoved = "YES"
+        claimed = [OPTION_CODES[o] for o in self.protocol.options if o in OPTION_CODES]
+        ds.DeidentificationMethod = (
+            f"trialpipe {__version__} {self.protocol.recipe_version}; PS3.15 E.1-1"
+        )[:64]
+        items = []
+        for code, meaning in [PROFILE_CODE, *claimed]:
+            item = Dataset()
+            item.CodeValue = code
+            item.CodingSchemeDesignator = "DCM"
+            item.CodeMeaning = meaning
+            items.append(item)
+        ds.DeidentificationMethodCodeSequence = Sequence(items)
+        meta = ds.file_meta
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        for keyword in (
+            "SourceApplicationEntityTitle",
+            "SendingApplicationEntityTitle",
+            "ReceivingApplicationEntityTitle",
+            "PrivateInformationCreatorUID",
+            "PrivateInformation",
+        ):
+            if keyword in meta:
+                delattr(meta, keyword)
+
+
+def _each(value: Any, transform: Callable[[str], str]) -> Any:
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [transform(v) for v in value]
+    return transform(value)

@@ -1,0 +1,104 @@
+"""``trialpipe deid``: de-identify a folder as a dry run, for recipe authors.
+
+It runs the DAG's own claim, deidentify, verify and validate steps on a throw-away data home
+kept inside the real one's restricted/ folder (so originals never leave the boundary), with
+the real trial secret and the subject's enrollment, so the output is exactly what the DAG
+would archive. Nothing touches the archive, the ledger, the tables or the crosswalk.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pipeline import atomic, batch, enrollment, intake, restricted
+from pipeline.home import DataHome
+from pipeline.intake import UploadRefused
+from pipeline.pseudonyms import trial_secret
+
+REPORT = "deid-report.json"
+
+
+class DryRunRefused(ValueError):
+    """The dry run cannot start (unknown protocol, site, visit or subject)."""
+
+
+def deidentify_folder(
+    home: DataHome,
+    protocol_id: str,
+    site_id: str,
+    subject_id: str,
+    visit: str,
+    input_dir: Path,
+    output_dir: Path,
+) -> dict[str, Any]:
+    """De-identify ``input_dir`` into ``output_dir``; return (and write) the report."""
+    try:
+        protocol = intake.check_upload(home, protocol_id, site_id, subject_id, visit)
+    except UploadRefused as error:
+        raise DryRunRefused(str(error)) from None
+    if not input_dir.is_dir():
+        raise DryRunRefused(f"no such folder: {input_dir}")
+    sandbox = DataHome(home.restricted / "dry-runs" / uuid.uuid4().hex).ensure()
+    try:
+        _seed(home, sandbox, protocol.protocol_id, subject_id)
+        batch_id = intake.stage_batch(
+            sandbox,
+            protocol_id,
+            site_id,
+            subject_id,
+            visit,
+            sorted(input_dir.iterdir()),
+            uploader="dry-run",
+        )
+        for step in (batch.claim, batch.deidentify, batch.verify, batch.validate):
+            state = step(sandbox, batch_id)
+        worklist = batch.Worklist.load(state)
+        report_files = []
+        for entry in worklist.files:
+            reason = worklist.batch_reason or entry.reason
+            if reason is None and entry.staged:
+                atomic.copy_file(
+                    sandbox.claimed_batch(batch_id) / entry.staged, output_dir / entry.path
+                )
+            report_files.append(
+                {
+                    "path": entry.path,
+                    "reason": reason,
+                    "detail": worklist.batch_detail if worklist.batch_reason else entry.detail,
+                    "flags": entry.flags,
+                    "sop_instance_uid": entry.sop_uid if reason is None else None,
+                }
+            )
+        report = {
+            "protocol_id": protocol_id,
+            "recipe_version": protocol.recipe_version,
+            "subject_id": subject_id,
+            "visit": visit,
+            "files": report_files,
+        }
+        atomic.write_json(output_dir / REPORT, report)
+        return report
+    finally:
+        shutil.rmtree(sandbox.root, ignore_errors=True)
+
+
+def _seed(home: DataHome, sandbox: DataHome, protocol_id: str, subject_id: str) -> None:
+    """Give the sandbox the real secret and the subject's enrollment, nothing else."""
+    secret = sandbox.secret_file(protocol_id)
+    trial_secret(home, protocol_id)
+    atomic.copy_file(home.secret_file(protocol_id), secret)
+    enrolled = enrollment.lookup(home, protocol_id, subject_id)
+    assert enrolled is not None  # check_upload refused otherwise
+    with restricted.store(sandbox).begin() as conn:
+        conn.execute(
+            restricted.enrollment.insert().values(
+                protocol_id=protocol_id,
+                subject_id=subject_id,
+                site_id=enrolled.site_id,
+                arm=enrolled.arm,
+                randomization_date=enrolled.randomization_date,
+            )
+        )

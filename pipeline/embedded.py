@@ -1,0 +1,309 @@
+"""The embedded Airflow: SQLite metadata DB and LocalExecutor inside the data home.
+
+``trialpipe run`` migrates the metadata DB, starts an api-server (Airflow 3 task processes
+report through its Execution API) and a scheduler with the LocalExecutor as child processes,
+serializes the DAGs, triggers one run of the ingest DAG per READY batch (run conf: the batch
+ID only), waits until every run is terminal and stops what it started. Children get SIGTERM
+if this process dies, and a later run reaps any that survived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.home import DataHome, dags_dir
+
+DAG_ID = "trialpipe_ingest"
+SIMPLE_AUTH_MANAGER = (
+    "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+)
+
+
+class EmbeddedAirflowError(RuntimeError):
+    """The embedded Airflow could not start or did not finish in time."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _jwt_secret(home: DataHome) -> str:
+    path = home.restricted / "secrets" / "airflow-jwt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(64))
+    return path.read_text().strip()
+
+
+def airflow_env(home: DataHome, port: int) -> dict[str, str]:
+    """Airflow configuration for the embedded default, as environment variables."""
+    home.ensure()
+    return {
+        "TRIALPIPE_HOME": str(home.root),
+        "AIRFLOW_HOME": str(home.airflow),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_dir()),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home.airflow / 'airflow.db'}",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__API_AUTH__JWT_SECRET": _jwt_secret(home),
+        "AIRFLOW__API_AUTH__JWT_ISSUER": "trialpipe-embedded",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        # Shorter idle waits: one batch is a short chain of tasks, not a nightly job.
+        "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+        "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
+    }
+
+
+def _die_with_parent() -> None:  # runs in the child before exec
+    os.setsid()
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _Stack:
+    """Airflow components as child processes, stopped (with their task processes) on exit."""
+
+    def __init__(self, home: DataHome, env: dict[str, str]) -> None:
+        self.env = {**os.environ, **env}
+        self.logs = home.airflow / "process-logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.pidfile = home.airflow / "trialpipe-run.pids"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._reap_stale()
+
+    def _reap_stale(self) -> None:
+        import psutil
+
+        if not self.pidfile.exists():
+            return
+        for line in self.pidfile.read_text().split():
+            pid, created = line.split(":")
+            try:
+                process = psutil.Process(int(pid))
+                if abs(process.create_time() - float(created)) < 0.01:
+                    for child in [*process.children(recursive=True), process]:
+                        child.kill()
+            except psutil.Error:
+                pass
+        self.pidfile.unlink()
+
+    def start(self, name: str, args: list[str]) -> None:
+        import psutil
+
+        airflow = str(Path(sys.executable).parent / "airflow")
+        with open(self.logs / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(
+                [airflow, *args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        self.procs[name] = process
+        with self.pidfile.open("a") as handle:
+            handle.write(f"{process.pid}:{psutil.Process(process.pid).create_time()}\n")
+
+    def check_alive(self) -> None:
+        for name, process in self.procs.items():
+            if process.poll() is not None:
+                raise EmbeddedAirflowError(
+                    f"Airflow {name} stopped (exit {process.returncode}); "
+                    f"see {self.logs / (name + '.log')}"
+                )
+
+    def stop(self, timeout: float = 30.0) -> None:
+        import psutil
+
+        tree = []
+        for process in self.procs.values():
+            with contextlib.suppress(psutil.Error):
+                tree += psutil.Process(process.pid).children(recursive=True)
+        # The scheduler first: its task processes still need the api-server to finish.
+        for name in ("scheduler", "dag-processor", "api-server"):
+            process = self.procs.get(name)
+            if process and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for child in tree:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        self.pidfile.unlink(missing_ok=True)
+
+
+@contextmanager
+def _configured(home: DataHome, port: int) -> Iterator[dict[str, str]]:
+    env = airflow_env(home, port)
+    os.environ.update(env)  # before this process first imports airflow
+    yield env
+
+
+def _migrate() -> None:
+    from airflow.utils.db import upgradedb
+
+    upgradedb()
+
+
+def _serialize_dags() -> None:
+    import argparse
+
+    from airflow.cli.commands.dag_command import dag_reserialize
+
+    dag_reserialize(argparse.Namespace(bundle_name=None))
+
+
+def _wait_for(check, stack: _Stack, deadline: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        stack.check_alive()
+        if check():
+            return
+        if time.monotonic() > deadline:
+            raise EmbeddedAirflowError(f"timed out waiting for {what}")
+        time.sleep(0.25)
+
+
+def run_ready_batches(home: DataHome, timeout: float = 3600) -> dict[str, str]:
+    """Trigger one ingest DAG run per READY batch; wait until all are terminal.
+
+    Returns ``{batch_id: dag_run_state}``. Quarantined files or batches are a normal,
+    successful outcome of a run; only an infrastructure failure fails it.
+    """
+    from pipeline.intake import ready_batches
+
+    batches = ready_batches(home)
+    if not batches:
+        return {}
+    port = _free_port()
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with _configured(home, port) as env:
+        _migrate()
+        stack = _Stack(home, env)
+        try:
+            stack.start(
+                "api-server",
+                [
+                    "api-server",
+                    "--apps",
+                    "execution",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    "1",
+                ],
+            )
+            stack.start("scheduler", ["scheduler", "--skip-serve-logs"])
+            _serialize_dags()
+            deadline = time.monotonic() + 180
+            _wait_for(_dag_ready, stack, deadline, "the ingest DAG to be parsed")
+            _wait_for(lambda: _healthy(port), stack, deadline, "the Execution API")
+            runs = {_trigger(batch.batch_id): batch.batch_id for batch in batches}
+            states: dict[str, str] = {}
+
+            def all_terminal() -> bool:
+                states.update(_run_states(list(runs)))
+                return len(states) == len(runs) and all(
+                    s in ("success", "failed") for s in states.values()
+                )
+
+            _wait_for(all_terminal, stack, time.monotonic() + timeout, "the DAG runs")
+        finally:
+            stack.stop()
+            signal.signal(signal.SIGTERM, previous)
+    return {runs[run_id]: state for run_id, state in states.items()}
+
+
+def _dag_ready() -> bool:
+    from airflow.models.dag import DagModel
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        if not SerializedDagModel.has_dag(DAG_ID, session=session):
+            return False
+        model = DagModel.get_dagmodel(DAG_ID, session=session)
+        if model is not None and model.is_paused:
+            model.is_paused = False
+    return True
+
+
+def _healthy(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/execution/health", timeout=15).close()
+    except OSError:
+        return False
+    return True
+
+
+def run_id_for(batch_id: str) -> str:
+    """The DAG run ID of a batch: readable in the UI, unique per attempt."""
+    return f"batch__{batch_id}__{time.strftime('%Y%m%dT%H%M%S')}"
+
+
+def _trigger(batch_id: str) -> str:
+    from airflow.api.common.trigger_dag import trigger_dag
+    from airflow.utils.types import DagRunTriggeredByType
+
+    run_id = run_id_for(batch_id)
+    trigger_dag(
+        DAG_ID, run_id=run_id, conf={"batch_id": batch_id}, triggered_by=DagRunTriggeredByType.CLI
+    )
+    return run_id
+
+
+def _run_states(run_ids: list[str]) -> dict[str, str]:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = (
+            session.query(DagRun.run_id, DagRun.state)
+            .filter(DagRun.dag_id == DAG_ID, DagRun.run_id.in_(run_ids))
+            .all()
+        )
+    return {run_id: str(getattr(state, "value", state)) for run_id, state in rows}
+
+
+def serve_ui(home: DataHome, port: int = 8080) -> int:
+    """Serve Airflow's UI and REST API for this data home until interrupted."""
+    with _configured(home, port) as env:
+        _migrate()
+        airflow = str(Path(sys.executable).parent / "airflow")
+        print(f"Airflow UI: http://127.0.0.1:{port}/  (Ctrl-C to stop)")
+        return subprocess.call(
+            [airflow, "api-server", "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, **env},
+        )

@@ -1,0 +1,144 @@
+"""The data home: every path the pipeline reads or writes, in one place.
+
+Layout under ``$TRIALPIPE_HOME`` (default ``~/trialpipe-home``)::
+
+    inbox/<protocol>/<site>/<batch>/     uploads: files/, manifest.json, READY      (PHI)
+    inbox/.claimed/<batch>/              batches being processed, with staged output (PHI)
+    quarantine/<batch>/                  refused originals + quarantine.json          (PHI)
+    restricted/                          secrets, crosswalk, enrollment, originals    (PHI)
+    archive/<protocol>/<arm>/<subject>/<visit>/<study>/<series>/<instance>.dcm
+    parquet/<table>/protocol=<p>/site=<s>/<batch>.parquet
+    batches/<batch>.json                 batch record: state and every file's disposition
+    ledger.sqlite                        audit ledger (no PHI)
+    airflow/                             embedded Airflow home: metadata DB, logs
+
+Only inbox/, quarantine/ and restricted/ may ever hold original identifiers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_ROOT.parent
+
+
+def recipes_dir() -> Path:
+    """Folder of protocol definitions (``recipes/``); ``$TRIALPIPE_RECIPES`` overrides."""
+    return Path(os.environ.get("TRIALPIPE_RECIPES", REPO_ROOT / "recipes"))
+
+
+def dags_dir() -> Path:
+    """Folder of the Airflow DAG files (``dags/``); ``$TRIALPIPE_DAGS`` overrides."""
+    return Path(os.environ.get("TRIALPIPE_DAGS", REPO_ROOT / "dags"))
+
+
+@dataclass(frozen=True)
+class DataHome:
+    """Paths of one data home. Create with :func:`data_home`."""
+
+    root: Path
+    ledger_override: str | None = None
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def claimed(self) -> Path:
+        return self.inbox / ".claimed"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def restricted(self) -> Path:
+        return self.root / "restricted"
+
+    @property
+    def archive(self) -> Path:
+        return self.root / "archive"
+
+    @property
+    def parquet(self) -> Path:
+        return self.root / "parquet"
+
+    @property
+    def airflow(self) -> Path:
+        return self.root / "airflow"
+
+    @property
+    def ledger_url(self) -> str:
+        return self.ledger_override or f"sqlite:///{self.root / 'ledger.sqlite'}"
+
+    @property
+    def restricted_url(self) -> str:
+        return f"sqlite:///{self.restricted / 'trial.sqlite'}"
+
+    def secret_file(self, protocol_id: str) -> Path:
+        return self.restricted / "secrets" / f"{protocol_id}.key"
+
+    def batch_upload_dir(self, protocol_id: str, site_id: str, batch_id: str) -> Path:
+        return self.inbox / protocol_id / site_id / batch_id
+
+    def claimed_batch(self, batch_id: str) -> Path:
+        return self.claimed / batch_id
+
+    def originals(self, batch_id: str) -> Path:
+        return self.restricted / "originals" / batch_id
+
+    def batch_record(self, batch_id: str) -> Path:
+        return self.root / "batches" / f"{batch_id}.json"
+
+    def quarantined_batch(self, batch_id: str) -> Path:
+        return self.quarantine / batch_id
+
+    def table_file(self, table: str, protocol_id: str, site_id: str, batch_id: str) -> Path:
+        return (
+            self.parquet
+            / table
+            / f"protocol={protocol_id}"
+            / f"site={site_id}"
+            / f"{batch_id}.parquet"
+        )
+
+    def archive_file(
+        self,
+        protocol_id: str,
+        arm: str,
+        subject: str,
+        visit: str,
+        study: str,
+        series: str,
+        instance: str,
+    ) -> Path:
+        return (
+            self.archive / protocol_id / arm / subject / visit / study / series / f"{instance}.dcm"
+        )
+
+    def ensure(self) -> DataHome:
+        """Create the top-level folders (restricted/ readable by the owner only)."""
+        for path in (
+            self.inbox,
+            self.claimed,
+            self.quarantine,
+            self.archive,
+            self.parquet,
+            self.airflow,
+        ):
+            path.mkdir(parents=True, exist_ok=True)
+        self.restricted.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.restricted, 0o700)
+        return self
+
+
+def data_home(root: str | Path | None = None) -> DataHome:
+    """The data home at ``root``, else ``$TRIALPIPE_HOME``, else ``~/trialpipe-home``.
+
+    ``$TRIALPIPE_LEDGER_URL`` (a SQLAlchemy URL) moves the ledger to a database server.
+    """
+    chosen = root or os.environ.get("TRIALPIPE_HOME") or Path.home() / "trialpipe-home"
+    return DataHome(Path(chosen).expanduser().resolve(), os.environ.get("TRIALPIPE_LEDGER_URL"))

@@ -1,0 +1,151 @@
+"""Residual-PHI verification: after de-identification, none of the original's identifying
+values may appear anywhere in the output (main dataset, sequences at any depth, file meta,
+private elements). A hit names the attribute where it was found, never the value."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import UID_dictionary
+
+# Attributes whose values identify the patient, the visit or the people and place involved.
+IDENTIFYING_KEYWORDS = frozenset(
+    {
+        "PatientID",
+        "OtherPatientIDs",
+        "IssuerOfPatientID",
+        "PatientBirthDate",
+        "PatientBirthTime",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "MedicalRecordLocator",
+        "AccessionNumber",
+        "StudyID",
+        "RequestedProcedureID",
+        "ScheduledProcedureStepID",
+        "PerformedProcedureStepID",
+        "AdmissionID",
+        "InstitutionName",
+        "InstitutionAddress",
+        "InstitutionalDepartmentName",
+        "StationName",
+        "DeviceSerialNumber",
+        "ReferringPhysicianAddress",
+        "ReferringPhysicianTelephoneNumbers",
+        "MilitaryRank",
+        "PatientMotherBirthName",
+        "PatientBirthName",
+        "OtherPatientNames",
+        "CountryOfResidence",
+        "RegionOfResidence",
+        "Occupation",
+        "ServiceEpisodeID",
+        "FillerOrderNumberImagingServiceRequest",
+        "PlacerOrderNumberImagingServiceRequest",
+    }
+)
+# Short values match false positives everywhere; below this length they are not searched.
+MIN_LENGTH = 3
+# Parts of names shorter than this only match as whole words.
+WHOLE_WORD_BELOW = 6
+_SKIP_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "SQ", "UN"})
+
+
+@dataclass(frozen=True)
+class IdentifyingValues:
+    """The identifying values of one original file, compiled for searching."""
+
+    values: frozenset[str]
+    pattern: re.Pattern[str] | None
+
+    def find(self, text: str) -> bool:
+        return bool(self.pattern and self.pattern.search(text))
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every identifying value cut out (for the Clean Descriptors option)."""
+        if not self.pattern:
+            return text
+        return " ".join(self.pattern.sub(" ", text).split())
+
+
+def _elements(ds: Dataset) -> Iterator[DataElement]:
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        yield from meta.iterall()
+    yield from ds.iterall()
+
+
+def _strings(element: DataElement) -> Iterator[str]:
+    value = element.value
+    if value is None or value == "":
+        return
+    if isinstance(value, (bytes, bytearray)):
+        return
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        for item in value:
+            if item not in (None, ""):
+                yield str(item)
+    else:
+        yield str(value)
+
+
+def identifying_values(ds: Dataset, retained: frozenset[str] = frozenset()) -> IdentifyingValues:
+    """Collect names (and their parts), IDs, dates, addresses and original UIDs of ``ds``.
+
+    ``retained`` names attributes the protocol keeps on purpose (a claimed option's KEEP,
+    such as the station name under Retain Device Identity); their values are not searched.
+    """
+    found: set[str] = set()
+    for element in _elements(ds):
+        if element.VR in _SKIP_VRS or element.keyword in retained:
+            continue
+        if element.tag.group == 0x0002 and element.keyword != "MediaStorageSOPInstanceUID":
+            continue  # the file meta names the software that wrote the file, not the patient
+        if element.VR == "PN":
+            for name in _strings(element):
+                found.add(name)
+                found.update(p for p in re.split(r"[\^= ,.]+", name) if p)
+        elif element.VR == "UI":
+            found.update(v for v in _strings(element) if v not in UID_dictionary)
+        elif element.VR in ("DA", "DT") or element.keyword in IDENTIFYING_KEYWORDS:
+            found.update(_strings(element))
+    values = frozenset(v.strip() for v in found if len(v.strip()) >= MIN_LENGTH)
+    return IdentifyingValues(values, _compile(values))
+
+
+def _compile(values: frozenset[str]) -> re.Pattern[str] | None:
+    if not values:
+        return None
+    parts = []
+    for value in sorted(values, key=len, reverse=True):
+        escaped = re.escape(value)
+        parts.append(
+            rf"(?<![A-Za-z0-9]){escaped}(?![A-Za-z0-9])"
+            if len(value) < WHOLE_WORD_BELOW
+            else escaped
+        )
+    return re.compile("|".join(parts), re.IGNORECASE)
+
+
+def residual_phi(original: IdentifyingValues, output: Dataset) -> list[str]:
+    """Attributes of ``output`` that still hold an identifying value of its original.
+
+    Returns attribute keywords (or tags for private and unknown elements), never values.
+    """
+    hits: list[str] = []
+    for element in _elements(output):
+        if element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "SQ") or element.tag == 0x7FE00010:
+            continue
+        if element.VR == "UN" and isinstance(element.value, (bytes, bytearray)):
+            texts = [element.value.decode("latin-1", "replace")]
+        else:
+            texts = list(_strings(element))
+        if any(original.find(text) for text in texts):
+            name = element.keyword or str(element.tag)
+            if name not in hits:
+                hits.append(name)
+    return hits

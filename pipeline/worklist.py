@@ -1,0 +1,78 @@
+"""The per-batch worklist that tasks hand to each other by path.
+
+Each task reads the previous task's worklist file, decides for the files still in play, and
+writes its own file (``inbox/.claimed/<batch>/state/<task>.json``) atomically. A retried
+task starts again from its input file, so retries are idempotent. The worklist sits inside
+the inbox because it names the uploaded files, whose names may carry identifiers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import atomic
+from pipeline.reasons import Reason
+
+
+@dataclass
+class FileEntry:
+    file_no: int
+    path: str
+    sha256: str | None = None
+    size: int | None = None
+    reason: str | None = None
+    detail: str | None = None
+    duplicate: bool = False
+    staged: str | None = None
+    sha256_out: str | None = None
+    size_out: int | None = None
+    sop_uid: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    archive_path: str | None = None
+    flags: list[str] = field(default_factory=list)
+    row: dict[str, Any] | None = None
+
+    @property
+    def in_play(self) -> bool:
+        """Still heading for the archive: not quarantined, not a duplicate."""
+        return self.reason is None and not self.duplicate
+
+    def refuse(self, reason: Reason, detail: str | None = None) -> None:
+        self.reason = reason.value
+        self.detail = detail
+
+
+@dataclass
+class Worklist:
+    batch_id: str
+    protocol_id: str
+    site_id: str
+    subject_id: str
+    visit: str
+    arm: str | None = None
+    batch_reason: str | None = None
+    batch_detail: str | None = None
+    files: list[FileEntry] = field(default_factory=list)
+
+    def refuse_batch(self, reason: Reason, detail: str | None = None) -> None:
+        self.batch_reason = reason.value
+        self.batch_detail = detail
+
+    def in_play(self) -> list[FileEntry]:
+        """Files still heading for the archive (none once the batch is refused)."""
+        if self.batch_reason:
+            return []
+        return [entry for entry in self.files if entry.in_play]
+
+    def save(self, path: Path) -> Path:
+        return atomic.write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> Worklist:
+        raw = json.loads(path.read_text())
+        raw["files"] = [FileEntry(**entry) for entry in raw.get("files", [])]
+        return cls(**raw)
