@@ -73,8 +73,14 @@ def _checked(ds: FileDataset, path: Path, stop_before_pixels: bool) -> ReadResul
     return ReadResult(ds)
 
 
+_PIXELS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
 def _pixels_short(ds: FileDataset) -> bool:
-    """Native (uncompressed) pixel data shorter than the image geometry says."""
+    """An image cut off in transfer: native pixel data shorter than the geometry says, or
+    an image (it has Rows and Columns) whose pixel data never arrived."""
+    if not any(k in ds for k in _PIXELS):
+        return "Rows" in ds and "Columns" in ds
     if "PixelData" not in ds or getattr(ds.file_meta, "TransferSyntaxUID", None) is None:
         return False
     if ds.file_meta.TransferSyntaxUID.is_compressed:

@@ -166,8 +166,10 @@ class _Stack:
 @contextmanager
 def _configured(home: DataHome, port: int) -> Iterator[dict[str, str]]:
     env = airflow_env(home, port)
-    os.environ.update(env)  # before this process first imports airflow
-    yield env
+    # This process only migrates, triggers and polls: its own Airflow logging stays quiet;
+    # the components (and the task logs) keep Airflow's INFO level.
+    os.environ.update({**env, "AIRFLOW__LOGGING__LOGGING_LEVEL": "ERROR"})
+    yield {**env, "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO"}
 
 
 def _migrate() -> None:

@@ -1,7 +1,7 @@
 """The one enumeration of reasons a file or a batch is not archived.
 
 Every quarantine, QC finding and refusal the pipeline produces carries one of these codes.
-docs/quarantine.md is generated from this table's wording; a site coordinator reads the
+docs/quarantine.md carries :func:`markdown_table` verbatim; a site coordinator reads the
 ``action`` text, so it must say what to do, never echo a value from the file.
 """
 
@@ -163,3 +163,14 @@ class BatchState(StrEnum):
     @property
     def terminal(self) -> bool:
         return self in (BatchState.DONE, BatchState.QUARANTINED)
+
+
+def markdown_table() -> str:
+    """The reason codes as the Markdown table docs/quarantine.md carries (kept in sync by a
+    test; regenerate with ``python -c 'from pipeline.reasons import markdown_table as m;
+    print(m())'``)."""
+    lines = ["| code | scope | what happened | what the site should do |", "|---|---|---|---|"]
+    for reason in Reason:
+        info = reason.info
+        lines.append(f"| `{reason.value}` | {info.scope.value} | {info.summary} | {info.action} |")
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""The DAG's task functions run in order in-process (no scheduler): what each batch becomes."""
+
+import json
+
+import pytest
+
+from pipeline import batch, intake, ledger, tables
+from pipeline.reasons import Reason
+from tests.conftest import upload_all
+
+
+def process(home, batch_id):
+    for step in batch.TASKS:
+        batch.run_task(step, batch_id, home)
+
+
+@pytest.fixture
+def processed(enrolled, trial):
+    expected = upload_all(enrolled, trial)
+    for batch_id in expected:
+        process(enrolled, batch_id)
+    return expected
+
+
+def test_every_file_is_archived_quarantined_or_a_duplicate(processed, enrolled):
+    for row in ledger.batch_rows(enrolled):
+        assert row["files"] == row["archived"] + row["quarantined"] + row["duplicates"]
+        assert row["state"] in ("done", "quarantined")
+    archived = [f for f in ledger.file_rows(enrolled) if f["disposition"] == "archived"]
+    on_disk = sorted(p for p in enrolled.archive.rglob("*.dcm"))
+    assert len(on_disk) == len(archived)
+    assert sorted(enrolled.archive / f["archive_path"] for f in archived) == on_disk
+
+
+def test_bad_files_are_quarantined_with_reasons_and_the_rest_archived(processed, enrolled, trial):
+    first = next(
+        b
+        for b in ledger.batch_rows(enrolled)
+        if b["subject_id"] == trial.batches[0].subject_id and b["visit"] == "BASELINE"
+    )
+    assert first["state"] == "done" and first["quarantined"] == 2 and first["archived"] > 0
+    record = json.loads(
+        (enrolled.quarantined_batch(first["batch_id"]) / "quarantine.json").read_text()
+    )
+    reasons = {Path(f["path"]).name: f["reason"] for f in record["files"]}
+    assert reasons == trial.batches[0].bad_files
+    for item in record["files"]:
+        assert (enrolled.quarantined_batch(first["batch_id"]) / "files" / item["path"]).exists()
+        assert item["action"] == Reason(item["reason"]).info.action
+
+
+def test_batch_level_problems_quarantine_the_whole_batch(processed, enrolled):
+    states = {
+        b["batch_id"]: (b["state"], b["reason"], b["archived"]) for b in ledger.batch_rows(enrolled)
+    }
+    for batch_id, expect in processed.items():
+        if expect == "done":
+            assert states[batch_id][0] == "done"
+        else:
+            assert states[batch_id] == ("quarantined", expect, 0)
+
+
+def test_a_follow_up_of_another_patient_is_quarantined(
+    processed, enrolled, trial, protocol, tmp_path
+):
+    from pipeline.synth import make_wrong_patient_batch
+
+    subject = trial.batches[0].subject_id
+    wrong = make_wrong_patient_batch(tmp_path / "later", protocol, trial, subject, "WEEK24")
+    batch_id = intake.stage_batch(
+        enrolled, "DEMO-01", wrong.site_id, subject, "WEEK24", [wrong.folder]
+    )
+    process(enrolled, batch_id)
+    row = ledger.batch_row(enrolled, batch_id)
+    assert (row["state"], row["reason"]) == ("quarantined", "patient_mismatch")
+
+
+def test_parquet_rows_equal_archived_files_and_carry_the_arm(processed, enrolled, trial):
+    table = tables.read_table(enrolled, "instances").to_pylist()
+    archived = [f for f in ledger.file_rows(enrolled) if f["disposition"] == "archived"]
+    assert len(table) == len(archived)
+    assert {r["archive_path"] for r in table} == {f["archive_path"] for f in archived}
+    for row in table:
+        assert row["arm"] == trial.arms[row["subject_id"]]
+        assert row["protocol"] == "DEMO-01" and row["site"].startswith("SITE-")
+        assert row["study_day"] is not None and 0 <= row["study_day"] < 120
+
+
+def test_archive_layout_is_protocol_arm_subject_visit_study_series_instance(
+    processed, enrolled, trial
+):
+    for path in enrolled.archive.rglob("*.dcm"):
+        protocol_id, arm, subject, visit, study, series, name = path.relative_to(
+            enrolled.archive
+        ).parts
+        assert protocol_id == "DEMO-01" and arm == trial.arms[subject]
+        assert visit in ("BASELINE", "WEEK12")
+        assert study.startswith("2.25.") and series.startswith("2.25.")
+        assert name.startswith("2.25.") and name.endswith(".dcm")
+
+
+def test_rerunning_every_task_of_a_batch_changes_nothing(enrolled, trial):
+    planned = trial.batches[1]
+    batch_id = intake.stage_batch(
+        enrolled, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
+    )
+    steps = list(batch.TASKS)
+    for step in steps[:-1]:
+        batch.run_task(step, batch_id, enrolled)
+        batch.run_task(step, batch_id, enrolled)  # an Airflow retry of the same task
+    archive = sorted(enrolled.archive.rglob("*.dcm"))
+    batch.run_task("finalize", batch_id, enrolled)
+    batch.run_task("finalize", batch_id, enrolled)
+    assert sorted(enrolled.archive.rglob("*.dcm")) == archive
+    assert len(tables.read_table(enrolled, "instances")) == len(archive)
+    assert ledger.batch_row(enrolled, batch_id)["state"] == "done"
+    assert len(ledger.file_rows(enrolled, batch_id)) == len(archive)
+
+
+def test_the_same_batch_uploaded_twice_is_recorded_as_duplicates(enrolled, trial):
+    planned = trial.batches[1]
+    ids = [
+        intake.stage_batch(
+            enrolled,
+            "DEMO-01",
+            planned.site_id,
+            planned.subject_id,
+            planned.visit,
+            [planned.folder],
+        )
+        for _ in range(2)
+    ]
+    for batch_id in ids:
+        process(enrolled, batch_id)
+    first, second = (ledger.batch_row(enrolled, i) for i in ids)
+    counts = {r["batch_id"]: r for r in ledger.batch_rows(enrolled)}
+    assert counts[ids[0]]["archived"] == counts[ids[1]]["duplicates"] > 0
+    assert counts[ids[1]]["archived"] == 0
+    assert len(list(enrolled.archive.rglob("*.dcm"))) == counts[ids[0]]["archived"]
+    assert first["state"] == second["state"] == "done"
+
+
+def test_originals_of_archived_files_are_kept_only_in_the_restricted_store(processed, enrolled):
+    assert list(enrolled.claimed.iterdir()) == []
+    kept = list((enrolled.restricted / "originals").rglob("*.dcm"))
+    archived = [f for f in ledger.file_rows(enrolled) if f["disposition"] == "archived"]
+    assert len(kept) == len(archived)
+
+
+def test_a_manifest_naming_an_unknown_site_quarantines_the_batch(enrolled, trial):
+    planned = trial.batches[1]
+    batch_id = intake.stage_batch(
+        enrolled, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
+    )
+    manifest_path = (
+        enrolled.batch_upload_dir("DEMO-01", planned.site_id, batch_id) / "manifest.json"
+    )
+    manifest = json.loads(manifest_path.read_text())
+    manifest["site_id"] = "SITE-77"
+    manifest_path.write_text(json.dumps(manifest))
+    process(enrolled, batch_id)
+    row = ledger.batch_row(enrolled, batch_id)
+    assert (row["state"], row["reason"]) == ("quarantined", "manifest_invalid")
+
+
+def test_a_file_changed_after_upload_fails_its_checksum(enrolled, trial):
+    planned = trial.batches[1]
+    batch_id = intake.stage_batch(
+        enrolled, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
+    )
+    folder = enrolled.batch_upload_dir("DEMO-01", planned.site_id, batch_id) / "files"
+    victim = sorted(folder.rglob("*.dcm"))[0]
+    victim.write_bytes(victim.read_bytes()[:-2] + b"\x00\x01")
+    process(enrolled, batch_id)
+    reasons = [f["reason"] for f in ledger.file_rows(enrolled, batch_id) if f["reason"]]
+    assert reasons == ["checksum_mismatch"]
+
+
+from pathlib import Path  # noqa: E402

@@ -1,0 +1,101 @@
+"""The real thing: `trialpipe run` drives Airflow (SQLite, LocalExecutor, api-server,
+scheduler) over generated batches with bad files among them."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import ledger, tables
+from tests.conftest import phi_leaks, upload_all
+
+TRIALPIPE = str(Path(sys.executable).parent / "trialpipe")
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    from pipeline import enrollment
+    from pipeline.home import data_home
+    from pipeline.protocol import load_protocol
+    from pipeline.synth import make_trial
+    from tests.conftest import SMALL
+
+    root = tmp_path_factory.mktemp("e2e")
+    home = data_home(root / "home").ensure()
+    protocol = load_protocol("DEMO-01")
+    trial = make_trial(root / "trial", protocol, subjects_per_site=1, shape=SMALL)
+    enrollment.import_csv(home, protocol, trial.enrollment_csv)
+    expected = upload_all(home, trial)
+    result = subprocess.run(
+        [TRIALPIPE, "run", "--timeout", "900"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRIALPIPE_HOME": str(home.root)},
+        timeout=1200,
+    )
+    return home, trial, expected, result
+
+
+def test_run_exits_zero_when_every_batch_is_terminal(ran):
+    home, _, expected, result = ran
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(": success\n") == len(expected), result.stdout[-3000:]
+    for batch_id in expected:
+        assert f"{batch_id}: success" in result.stdout
+
+
+def test_one_dag_run_per_batch_with_only_the_batch_id_in_its_conf(ran):
+    home, _, expected, _ = ran
+    with sqlite3.connect(home.airflow / "airflow.db") as db:
+        runs = db.execute(
+            "SELECT run_id, state, conf FROM dag_run WHERE dag_id = 'trialpipe_ingest'"
+        ).fetchall()
+    assert len(runs) == len(expected)
+    for run_id, state, conf in runs:
+        conf = json.loads(conf)
+        assert state == "success"
+        assert set(conf) == {"batch_id"} and conf["batch_id"] in expected
+        assert run_id.startswith(f"batch__{conf['batch_id']}__")
+
+
+def test_batches_end_done_or_quarantined_as_expected_and_reconcile(ran):
+    home, _, expected, _ = ran
+    rows = {r["batch_id"]: r for r in ledger.batch_rows(home)}
+    for batch_id, expect in expected.items():
+        row = rows[batch_id]
+        assert row["files"] == row["archived"] + row["quarantined"] + row["duplicates"]
+        if expect == "done":
+            assert row["state"] == "done", row
+        else:
+            assert (row["state"], row["reason"]) == ("quarantined", expect)
+
+
+def test_archive_quarantine_and_tables_agree(ran):
+    home, trial, _, _ = ran
+    archived = [f for f in ledger.file_rows(home) if f["disposition"] == "archived"]
+    on_disk = sorted(home.archive.rglob("*.dcm"))
+    assert sorted(home.archive / f["archive_path"] for f in archived) == on_disk
+    instances = tables.read_table(home, "instances")
+    assert instances.num_rows == len(on_disk)
+    reasons = {f["reason"] for f in ledger.file_rows(home) if f["disposition"] == "quarantined"}
+    assert {"truncated", "not_dicom", "mixed_patients", "unenrolled_subject"} <= reasons
+    for path in on_disk:
+        assert path.relative_to(home.archive).parts[1] in ("A", "B")
+
+
+def test_no_planted_phi_anywhere_outside_the_boundary_airflow_db_and_logs_included(ran):
+    home, trial, _, _ = ran
+    logs = list((home.airflow / "logs").rglob("*.log"))
+    assert logs, "the task logs must exist to be searched"
+    assert (home.airflow / "airflow.db").exists()
+    assert phi_leaks(home.root, trial.phi_values()) == []
+
+
+def test_the_boundary_folders_did_receive_the_phi(ran):
+    """The leak scan above must be able to see PHI: quarantine holds refused originals."""
+    home, trial, _, _ = ran
+    assert phi_leaks(home.root, trial.phi_values(), boundary=("inbox", "restricted"))

@@ -1,0 +1,66 @@
+import dataclasses
+
+from pipeline.protocol import TagRule
+from pipeline.reasons import Reason
+from pipeline.validate import check_batch
+
+
+def test_the_protocol_suite_catches_a_missing_tag_and_an_out_of_range_value(protocol):
+    rows = [
+        {
+            "file_no": 0,
+            "Modality": "CT",
+            "SliceThickness": "2.5",
+            "KVP": "120",
+            "ConvolutionKernel": "B30f",
+            "PixelSpacing": ["0.7", "0.7"],
+        },
+        {
+            "file_no": 1,
+            "Modality": "CT",
+            "SliceThickness": "2.5",
+            "KVP": "120",
+            "ConvolutionKernel": "B30f",
+        },
+        {
+            "file_no": 2,
+            "Modality": "CT",
+            "SliceThickness": "9",
+            "KVP": "120",
+            "ConvolutionKernel": "B30f",
+            "PixelSpacing": ["0.7", "0.7"],
+        },
+        {
+            "file_no": 3,
+            "Modality": "MR",
+            "MagneticFieldStrength": "7",
+            "RepetitionTime": "500",
+            "EchoTime": "15",
+            "PixelSpacing": ["0.9", "0.9"],
+        },
+    ]
+    findings = {(f.file_no, f.keyword, f.reason, f.quarantine) for f in check_batch(protocol, rows)}
+    assert findings == {
+        (1, "PixelSpacing", Reason.MISSING_REQUIRED_TAG, True),
+        (2, "SliceThickness", Reason.VALUE_OUT_OF_RANGE, True),
+        (3, "MagneticFieldStrength", Reason.VALUE_OUT_OF_RANGE, True),
+    }
+
+
+def test_a_flag_only_rule_records_a_finding_without_quarantine(protocol):
+    rows = [
+        {
+            "file_no": 0,
+            "Modality": "CT",
+            "SliceThickness": "2.5",
+            "KVP": "120",
+            "PixelSpacing": ["0.7", "0.7"],
+        }
+    ]
+    (finding,) = check_batch(protocol, rows)
+    assert finding.keyword == "ConvolutionKernel" and finding.quarantine is False
+
+
+def test_modalities_without_rules_pass(protocol):
+    lenient = dataclasses.replace(protocol, required_tags={"CT": (TagRule("KVP"),)})
+    assert check_batch(lenient, [{"file_no": 0, "Modality": "US"}]) == []
