@@ -1,5 +1,6 @@
 """The DAG file imports cleanly in Airflow, parses fast, and wires the tasks in flow order."""
 
+import itertools
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ def test_the_dag_folder_imports_without_errors(tmp_path, monkeypatch):
 def test_tasks_are_named_for_the_flow_and_run_in_order(tmp_path, monkeypatch):
     dag = _dagbag(tmp_path, monkeypatch).dags["trialpipe_ingest"]
     assert [t.task_id for t in dag.topological_sort()] == FLOW
-    for upstream, downstream in zip(FLOW, FLOW[1:], strict=False):
+    for upstream, downstream in itertools.pairwise(FLOW):
         assert dag.get_task(downstream).upstream_task_ids == {upstream}
     assert dag.schedule is None or dag.timetable.summary in ("None", None)
     assert all(t.retries >= 1 for t in dag.tasks)

@@ -41,7 +41,7 @@ def ran(tmp_path_factory):
 
 
 def test_run_exits_zero_when_every_batch_is_terminal(ran):
-    home, _, expected, result = ran
+    _, _, expected, result = ran
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(": success\n") == len(expected), result.stdout[-3000:]
     for batch_id in expected:
@@ -75,7 +75,7 @@ def test_batches_end_done_or_quarantined_as_expected_and_reconcile(ran):
 
 
 def test_archive_quarantine_and_tables_agree(ran):
-    home, trial, _, _ = ran
+    home = ran[0]
     archived = [f for f in ledger.file_rows(home) if f["disposition"] == "archived"]
     on_disk = sorted(home.archive.rglob("*.dcm"))
     assert sorted(home.archive / f["archive_path"] for f in archived) == on_disk

@@ -21,7 +21,7 @@ def test_reimporting_the_same_rows_is_a_no_op(home, protocol, tmp_path):
 def test_a_subject_changing_arm_is_refused_and_nothing_is_written(home, protocol, tmp_path):
     import_csv(home, protocol, _csv(tmp_path, ["SITE-01,S-1,A,2025-01-10"]))
     changed = _csv(tmp_path, ["SITE-01,S-3,A,2025-01-12", "SITE-01,S-1,B,2025-01-10"], "b.csv")
-    with pytest.raises(EnrollmentError, match="line 3: subject S-1 .* another arm"):
+    with pytest.raises(EnrollmentError, match=r"line 3: subject S-1 .* another arm"):
         import_csv(home, protocol, changed)
     assert lookup(home, "DEMO-01", "S-1").arm == "A"
     assert lookup(home, "DEMO-01", "S-3") is None
