@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_HOME ?= $(CURDIR)/demo-home
 
-.PHONY: venv demo test lint format bench lock clean
+.PHONY: venv demo test lint format lock clean
 
 venv: $(STAMP)
 
@@ -31,9 +31,6 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
-
-bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run
 
 # Re-resolve the environment from pyproject.toml and rewrite the lock (a deliberate act).
 lock:

@@ -1,0 +1,166 @@
+"""The CLI as other tools drive it: exit codes, messages, JSON."""
+
+import json
+
+import pytest
+
+from pipeline import ledger
+from pipeline.cli import main
+
+
+def run(capsys, home, *args):
+    code = main(["--home", str(home.root), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_enroll_then_reenroll_reports_no_change(capsys, home, trial):
+    code, out, _ = run(capsys, home, "enroll", "--protocol", "DEMO-01", str(trial.enrollment_csv))
+    assert code == 0 and "enrolled 3 new" in out
+    code, out, _ = run(capsys, home, "enroll", "--protocol", "DEMO-01", str(trial.enrollment_csv))
+    assert code == 0 and "enrolled 0 new subject(s); 3 already enrolled" in out
+
+
+def test_an_arm_change_is_refused_with_a_nonzero_exit(capsys, home, trial, tmp_path):
+    run(capsys, home, "enroll", "--protocol", "DEMO-01", str(trial.enrollment_csv))
+    text = trial.enrollment_csv.read_text().replace(",A,", ",X,", 1).replace(",X,", ",B,")
+    changed = tmp_path / "changed.csv"
+    changed.write_text(text)
+    code, _, err = run(capsys, home, "enroll", "--protocol", "DEMO-01", str(changed))
+    assert code == 2 and "cannot change" in err and "Traceback" not in err
+
+
+def test_upload_prints_the_batch_id_and_status_lists_it(capsys, enrolled, trial):
+    planned = trial.batches[1]
+    code, out, _ = run(
+        capsys,
+        enrolled,
+        "upload",
+        "--protocol",
+        "DEMO-01",
+        "--site",
+        planned.site_id,
+        "--subject",
+        planned.subject_id,
+        "--visit",
+        planned.visit,
+        str(planned.folder),
+    )
+    batch_id = out.strip()
+    assert code == 0 and batch_id.startswith(f"{planned.site_id}_{planned.subject_id}_")
+    code, out, _ = run(capsys, enrolled, "status", "--json")
+    (row,) = json.loads(out)
+    assert row == {
+        "batch_id": batch_id,
+        "site_id": planned.site_id,
+        "subject_id": planned.subject_id,
+        "visit": planned.visit,
+        "state": "ready",
+        "files": 6,
+        "archived": 0,
+        "quarantined": 0,
+        "duplicates": 0,
+    }
+    code, out, _ = run(capsys, enrolled, "status")
+    assert out.splitlines()[0].split() == [
+        "batch_id",
+        "site_id",
+        "subject_id",
+        "visit",
+        "state",
+        "files",
+        "archived",
+        "quarantined",
+        "duplicates",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("site", "visit", "subject", "message"),
+    [
+        ("SITE-09", "BASELINE", None, "not a site of DEMO-01"),
+        ("SITE-01", "DAY1", None, "not a visit of DEMO-01"),
+        ("SITE-01", "BASELINE", "DEMO-01-77777", "not enrolled"),
+    ],
+)
+def test_upload_refusals_are_clear_and_nonzero(
+    capsys, enrolled, trial, site, visit, subject, message
+):
+    planned = trial.batches[0]
+    code, out, err = run(
+        capsys,
+        enrolled,
+        "upload",
+        "--protocol",
+        "DEMO-01",
+        "--site",
+        site,
+        "--subject",
+        subject or planned.subject_id,
+        "--visit",
+        visit,
+        str(planned.folder),
+    )
+    assert code == 2 and out == "" and message in err and "Traceback" not in err
+    assert ledger.batch_rows(enrolled) == []
+
+
+def test_run_with_nothing_ready_says_so(capsys, home):
+    code, out, _ = run(capsys, home, "run")
+    assert code == 0 and "no READY batches" in out
+
+
+def test_deid_dry_run_writes_deidentified_files_and_a_report_and_no_archive(
+    capsys, enrolled, trial, tmp_path
+):
+    planned = trial.batches[0]
+    out_dir = tmp_path / "out"
+    code, _, _ = run(
+        capsys,
+        enrolled,
+        "deid",
+        "--protocol",
+        "DEMO-01",
+        "--site",
+        planned.site_id,
+        "--subject",
+        planned.subject_id,
+        "--visit",
+        planned.visit,
+        str(planned.folder),
+        str(out_dir),
+    )
+    assert code == 0
+    report = json.loads((out_dir / "deid-report.json").read_text())
+    reasons = {f["path"].split("/")[-1]: f["reason"] for f in report["files"] if f["reason"]}
+    assert reasons == planned.bad_files
+    written = sorted(out_dir.rglob("*.dcm"))
+    assert len(written) == len(report["files"]) - len(planned.bad_files)
+    assert list(enrolled.archive.rglob("*")) == []
+    assert ledger.batch_rows(enrolled) == []
+    assert not (enrolled.restricted / "dry-runs").exists() or not any(
+        (enrolled.restricted / "dry-runs").iterdir()
+    )
+    import pydicom
+
+    sample = pydicom.dcmread(written[0])
+    assert sample.PatientIdentityRemoved == "YES" and sample.PatientID == planned.subject_id
+
+
+def test_deid_dry_run_refuses_an_unenrolled_subject(capsys, enrolled, trial, tmp_path):
+    code, _, err = run(
+        capsys,
+        enrolled,
+        "deid",
+        "--protocol",
+        "DEMO-01",
+        "--site",
+        "SITE-01",
+        "--subject",
+        "NOBODY",
+        "--visit",
+        "BASELINE",
+        str(trial.batches[0].folder),
+        str(tmp_path / "o"),
+    )
+    assert code == 2 and "not enrolled" in err
