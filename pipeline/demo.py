@@ -11,7 +11,7 @@ from pipeline import enrollment, intake, ledger
 from pipeline.embedded import run_ready_batches
 from pipeline.home import DataHome
 from pipeline.protocol import load_protocol
-from pipeline.synth import make_trial, make_wrong_patient_batch
+from pipeline.synth import SyntheticTrial, make_trial, make_wrong_patient_batch
 
 PROTOCOL = "DEMO-01"
 
@@ -25,19 +25,7 @@ def run_demo(home: DataHome, subjects_per_site: int = 2) -> str:
     try:
         trial = make_trial(scratch, protocol, subjects_per_site=subjects_per_site)
         enrollment.import_csv(home, protocol, trial.enrollment_csv)
-        for planned in trial.batches:
-            # The unenrolled subject's batch reaches the inbox by a drop folder, as the
-            # client would refuse it; the DAG must refuse it on its own.
-            intake.stage_batch(
-                home,
-                PROTOCOL,
-                planned.site_id,
-                planned.subject_id,
-                planned.visit,
-                [planned.folder],
-                uploader="demo",
-                check=planned.expect != "unenrolled_subject",
-            )
+        upload_trial(home, trial)
         first = run_ready_batches(home)
         follow_up = make_wrong_patient_batch(
             scratch, protocol, trial, trial.batches[0].subject_id, protocol.visit_ids[-1]
@@ -55,6 +43,28 @@ def run_demo(home: DataHome, subjects_per_site: int = 2) -> str:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return summary(home, {**first, **second})
+
+
+def upload_trial(home: DataHome, trial: SyntheticTrial) -> dict[str, str]:
+    """Stage every planned batch of a synthetic trial; return ``{batch_id: expected}``.
+
+    The unenrolled subject's batch reaches the inbox as if by a drop folder, since the
+    client would refuse it; the DAG must refuse it on its own.
+    """
+    staged = {}
+    for planned in trial.batches:
+        batch_id = intake.stage_batch(
+            home,
+            PROTOCOL,
+            planned.site_id,
+            planned.subject_id,
+            planned.visit,
+            [planned.folder],
+            uploader="demo",
+            check=planned.expect != "unenrolled_subject",
+        )
+        staged[batch_id] = planned.expect
+    return staged
 
 
 def summary(home: DataHome, runs: dict[str, str]) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import enrollment, intake
+from pipeline import enrollment
 from pipeline.home import DataHome, data_home
 from pipeline.protocol import Protocol, load_protocol
 from pipeline.synth import SeriesShape, SyntheticTrial, make_trial
@@ -35,24 +35,6 @@ def trial(tmp_path: Path, protocol: Protocol) -> SyntheticTrial:
 def enrolled(home: DataHome, protocol: Protocol, trial: SyntheticTrial) -> DataHome:
     enrollment.import_csv(home, protocol, trial.enrollment_csv)
     return home
-
-
-def upload_all(home: DataHome, trial: SyntheticTrial) -> dict[str, str]:
-    """Stage every planned batch the way the demo does; return {batch_id: expected}."""
-    staged = {}
-    for planned in trial.batches:
-        batch_id = intake.stage_batch(
-            home,
-            "DEMO-01",
-            planned.site_id,
-            planned.subject_id,
-            planned.visit,
-            [planned.folder],
-            uploader="test",
-            check=planned.expect != "unenrolled_subject",
-        )
-        staged[batch_id] = planned.expect
-    return staged
 
 
 def phi_leaks(root: Path, values: list[str], boundary=("inbox", "quarantine", "restricted")):

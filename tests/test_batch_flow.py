@@ -1,12 +1,13 @@
 """The DAG's task functions run in order in-process (no scheduler): what each batch becomes."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from pipeline import batch, intake, ledger, tables
+from pipeline.demo import upload_trial
 from pipeline.reasons import Reason
-from tests.conftest import upload_all
 
 
 def process(home, batch_id):
@@ -16,7 +17,7 @@ def process(home, batch_id):
 
 @pytest.fixture
 def processed(enrolled, trial):
-    expected = upload_all(enrolled, trial)
+    expected = upload_trial(enrolled, trial)
     for batch_id in expected:
         process(enrolled, batch_id)
     return expected
@@ -174,6 +175,3 @@ def test_a_file_changed_after_upload_fails_its_checksum(enrolled, trial):
     process(enrolled, batch_id)
     reasons = [f["reason"] for f in ledger.file_rows(enrolled, batch_id) if f["reason"]]
     assert reasons == ["checksum_mismatch"]
-
-
-from pathlib import Path  # noqa: E402

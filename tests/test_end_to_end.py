@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import ledger, tables
-from tests.conftest import phi_leaks, upload_all
+from pipeline.demo import upload_trial
+from tests.conftest import phi_leaks
 
 TRIALPIPE = str(Path(sys.executable).parent / "trialpipe")
 
@@ -29,7 +30,7 @@ def ran(tmp_path_factory):
     protocol = load_protocol("DEMO-01")
     trial = make_trial(root / "trial", protocol, subjects_per_site=1, shape=SMALL)
     enrollment.import_csv(home, protocol, trial.enrollment_csv)
-    expected = upload_all(home, trial)
+    expected = upload_trial(home, trial)
     result = subprocess.run(
         [TRIALPIPE, "run", "--timeout", "900"],
         capture_output=True,

@@ -1,0 +1,79 @@
+"""Data home layout, atomic writes, the worklist hand-over and the synthetic trial."""
+
+import pytest
+
+from pipeline import atomic
+from pipeline.dicomio import read_dicom
+from pipeline.home import data_home
+from pipeline.reasons import Reason
+from pipeline.worklist import FileEntry, Worklist
+
+
+def test_the_data_home_defaults_to_trialpipe_home_and_keeps_restricted_private(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TRIALPIPE_HOME", str(tmp_path / "h"))
+    home = data_home().ensure()
+    assert home.root == (tmp_path / "h").resolve()
+    for name in ("inbox", "archive", "quarantine", "parquet", "restricted", "airflow"):
+        assert (home.root / name).is_dir()
+    assert (home.restricted.stat().st_mode & 0o777) == 0o700
+    assert home.ledger_url == f"sqlite:///{home.root / 'ledger.sqlite'}"
+
+
+def test_a_failed_write_leaves_neither_a_partial_file_nor_a_temporary(tmp_path):
+    target = tmp_path / "out" / "table.parquet"
+    atomic.write_bytes(target, b"old")
+
+    def broken(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic.write_with(target, broken)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["table.parquet"]
+
+
+def test_move_file_is_idempotent(tmp_path):
+    source, target = tmp_path / "a", tmp_path / "sub" / "b"
+    source.write_text("x")
+    atomic.move_file(source, target)
+    atomic.move_file(source, target)  # a retried step
+    assert target.read_text() == "x" and not source.exists()
+
+
+def test_a_worklist_round_trips_through_its_file(tmp_path):
+    worklist = Worklist(
+        "b1",
+        "DEMO-01",
+        "SITE-01",
+        "S-1",
+        "BASELINE",
+        arm="A",
+        files=[FileEntry(0, "CT/a.dcm", "ab", 3, flags=["KVP: flagged"])],
+    )
+    loaded = Worklist.load(worklist.save(tmp_path / "state.json"))
+    assert loaded == worklist
+    assert [e.file_no for e in loaded.in_play()] == [0]
+    loaded.refuse_batch(Reason.MIXED_PATIENTS)
+    assert loaded.in_play() == []
+
+
+def test_the_synthetic_trial_plants_phi_where_scanners_put_it(trial):
+    planned = trial.batches[0]
+    patient = trial.patients[planned.subject_id]
+    ds = read_dicom(sorted((planned.folder / "CT").glob("CT2_0001.dcm"))[0]).dataset
+    assert str(ds.PatientName) == patient.name and ds.PatientID == patient.patient_id
+    assert ds.OtherPatientIDsSequence[0].PatientID.startswith(patient.patient_id)
+    assert ds.RequestAttributesSequence[0].AccessionNumber == ds.AccessionNumber
+    private = [e for e in ds.iterall() if e.tag.is_private and e.VR == "LO"]
+    assert patient.name in [str(e.value) for e in private]
+    assert patient.name.split("^")[0] in ds.SeriesDescription
+
+
+def test_the_synthetic_trial_has_both_arms_and_the_bad_cases(trial):
+    assert set(trial.arms.values()) == {"A", "B"}
+    expects = {b.expect for b in trial.batches}
+    assert {"done", "mixed_patients", "unenrolled_subject"} <= expects
+    assert set(trial.batches[0].bad_files.values()) == {"truncated", "not_dicom"}
