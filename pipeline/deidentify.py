@@ -20,6 +20,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from pipeline import __version__, pseudonyms
+from pipeline.annex_e import option_codes
 from pipeline.enrollment import Enrollee
 from pipeline.home import DataHome
 from pipeline.protocol import Protocol
@@ -37,28 +38,23 @@ with warnings.catch_warnings():
 # deid logs to stdout and keeps every message in memory; some messages quote values.
 bot.level = 0
 
-# CID 7050 De-identification Methods: the profile and each option a protocol can claim.
 PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
-OPTION_CODES: dict[str, tuple[str, str]] = {
-    "clean_pixel_data": ("113101", "Clean Pixel Data Option"),
-    "clean_recognizable_visual_features": ("113102", "Clean Recognizable Visual Features Option"),
-    "clean_graphics": ("113103", "Clean Graphics Option"),
-    "clean_structured_content": ("113104", "Clean Structured Content Option"),
-    "clean_descriptors": ("113105", "Clean Descriptors Option"),
-    "retain_longitudinal_full_dates": (
-        "113106",
-        "Retain Longitudinal Temporal Information Full Dates Option",
-    ),
-    "retain_longitudinal_modified_dates": (
-        "113107",
-        "Retain Longitudinal Temporal Information Modified Dates Option",
-    ),
-    "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
-    "retain_device_identity": ("113109", "Retain Device Identity Option"),
-    "retain_uids": ("113110", "Retain UIDs Option"),
-    "retain_safe_private": ("113111", "Retain Safe Private Option"),
-    "retain_institution_identity": ("113112", "Retain Institution Identity Option"),
+# Dummy values (Table E.1-1 "D"): valid for their VR, identifying no one.
+DUMMIES = {
+    "DA": "19000101",
+    "DT": "19000101000000",
+    "TM": "000000",
+    "AS": "000D",
+    "IS": "0",
+    "DS": "0",
+    "US": 0,
+    "SS": 0,
+    "UL": 0,
+    "SL": 0,
+    "FL": 0.0,
+    "FD": 0.0,
 }
+DUMMY_TEXT = "REMOVED"
 CROSSWALK_KINDS = {
     "StudyInstanceUID": "study",
     "SeriesInstanceUID": "series",
@@ -132,6 +128,7 @@ class Deidentifier:
     def apply(self, ds: FileDataset) -> Outcome:
         """De-identify ``ds`` in place; raise :class:`DeidentificationError` on failure."""
         original = identifying_values(ds, self.composed.kept)
+        remove_structural(ds)
         outcome = Outcome("", "", "")
         parser = DicomParser(ds, recipe=self.recipe)
         parser.lookup.update(self.variables)
@@ -139,7 +136,7 @@ class Deidentifier:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                parser.parse(remove_private=True)
+                parser.parse(remove_private=False)
         except Exception as error:
             raise DeidentificationError(f"recipe failed ({type(error).__name__})") from None
         finally:
@@ -166,7 +163,10 @@ class Deidentifier:
         def clean_text(item: Any, value: Any, field: Any, dicom: Any = None, **_: Any) -> Any:
             return _each(field.element.value, lambda v: original.scrub(str(v)))
 
-        return {"uid": uid, "shift_date": shift_date, "clean_text": clean_text}
+        def dummy(item: Any, value: Any, field: Any, dicom: Any = None, **_: Any) -> Any:
+            return DUMMIES.get(field.element.VR, DUMMY_TEXT)
+
+        return {"uid": uid, "shift_date": shift_date, "clean_text": clean_text, "dummy": dummy}
 
     def _record(self, outcome: Outcome, kind: str | None, value: str) -> str:
         new = self.map_uid(value)
@@ -176,7 +176,8 @@ class Deidentifier:
 
     def _stamp(self, ds: Dataset) -> None:
         ds.PatientIdentityRemoved = "YES"
-        claimed = [OPTION_CODES[o] for o in self.protocol.options if o in OPTION_CODES]
+        codes = option_codes()
+        claimed = [codes[o] for o in self.protocol.options]
         ds.DeidentificationMethod = (
             f"trialpipe {__version__} {self.protocol.recipe_version}; PS3.15 E.1-1"
         )[:64]
@@ -200,6 +201,27 @@ class Deidentifier:
         ):
             if keyword in meta:
                 delattr(meta, keyword)
+
+
+def remove_structural(ds: Dataset) -> None:
+    """Remove what the profile removes by tag range, not by attribute: private elements
+    (Table E.1-1 "Private attributes": X), curve groups (50xx) and overlay groups (60xx,
+    whose Overlay Data and Comments are X; the rest of a plane is useless without them)."""
+    ds.remove_private_tags()
+    _strip_repeating_groups(ds)
+
+
+def _repeating_group(group: int) -> bool:
+    return group % 2 == 0 and (0x5000 <= group <= 0x501E or 0x6000 <= group <= 0x601E)
+
+
+def _strip_repeating_groups(ds: Dataset) -> None:
+    for tag in [t for t in ds if _repeating_group(t.group)]:
+        del ds[tag]
+    for element in ds.values():
+        if element.VR == "SQ":
+            for item in element.value:
+                _strip_repeating_groups(item)
 
 
 def _each(value: Any, transform: Callable[[str], str]) -> Any:

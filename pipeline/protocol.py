@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.annex_e import option_codes
 from pipeline.home import recipes_dir
 
 
@@ -81,9 +82,14 @@ def load_protocol(protocol_id: str) -> Protocol:
     try:
         deid = raw.get("deidentification", {})
         options = tuple(str(o) for o in deid.get("options", []))
+        unknown = sorted(set(options) - set(option_codes()))
+        if unknown:
+            raise ProtocolError(f"{path}: unknown de-identification option(s) {unknown}")
+        option_layers = (recipes_dir() / "base" / "options" / f"{o}.dicom" for o in options)
         recipe_files = (
             recipes_dir() / "base" / "deid.dicom",
-            *(recipes_dir() / "base" / "options" / f"{option}.dicom" for option in options),
+            *(layer for layer in option_layers if layer.exists()),
+            recipes_dir() / "base" / "trial.dicom",
             folder / "deid.dicom",
         )
         for recipe in recipe_files:

@@ -1,5 +1,4 @@
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -21,11 +20,11 @@ def test_unknown_protocol_is_refused():
         load_protocol("NOPE-99")
 
 
-def test_recipe_layers_are_base_then_claimed_options_then_protocol(protocol):
+def test_recipe_layers_are_profile_then_claimed_options_then_trial_then_protocol(protocol):
     names = [p.relative_to(REPO_ROOT / "recipes").as_posix() for p in protocol.recipe_files]
     assert names[0] == "base/deid.dicom"
-    assert names[-1] == "DEMO-01/deid.dicom"
-    assert names[1:-1] == [f"base/options/{o}.dicom" for o in protocol.options]
+    assert names[-2:] == ["base/trial.dicom", "DEMO-01/deid.dicom"]
+    assert names[1:-2] == [f"base/options/{o}.dicom" for o in protocol.options]
 
 
 def test_a_later_layer_overrides_the_earlier_action_on_the_same_field(tmp_path):
@@ -63,6 +62,16 @@ def test_recipe_version_changes_when_the_recipe_changes(tmp_path, monkeypatch):
         load_protocol.cache_clear()
 
 
-def test_protocol_yaml_names_only_existing_options(protocol):
-    for option in protocol.options:
-        assert (Path(REPO_ROOT) / "recipes" / "base" / "options" / f"{option}.dicom").is_file()
+def test_an_unknown_option_is_refused(tmp_path, monkeypatch):
+    recipes = tmp_path / "recipes"
+    shutil.copytree(REPO_ROOT / "recipes", recipes)
+    definition = recipes / "DEMO-01" / "protocol.yaml"
+    definition.write_text(definition.read_text().replace("clean_descriptors", "clean_everything"))
+    monkeypatch.setenv("TRIALPIPE_RECIPES", str(recipes))
+    load_protocol.cache_clear()
+    try:
+        with pytest.raises(ProtocolError, match="clean_everything"):
+            load_protocol("DEMO-01")
+    finally:
+        monkeypatch.delenv("TRIALPIPE_RECIPES")
+        load_protocol.cache_clear()
