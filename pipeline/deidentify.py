@@ -216,7 +216,7 @@ def _repeating_group(group: int) -> bool:
 
 
 def _strip_repeating_groups(ds: Dataset) -> None:
-    for tag in [t for t in ds if _repeating_group(t.group)]:
+    for tag in [element.tag for element in ds if _repeating_group(element.tag.group)]:
         del ds[tag]
     for element in ds.values():
         if element.VR == "SQ":
