@@ -12,13 +12,17 @@ valid for any IOD, since a dummy or an empty value is valid where removal may no
 =========  ======================================================================
 X          REMOVE
 Z          BLANK (zero-length value; an empty sequence for SQ)
-D          REPLACE func:dummy (a VR-valid dummy); BLANK for sequences
+D          REPLACE func:dummy (a VR-valid dummy)
 X/Z        BLANK
-X/D, Z/D,  REPLACE func:dummy; BLANK for sequences
+X/D, Z/D,  REPLACE func:dummy
 X/Z/D
 U          REPLACE func:uid (a keyed pseudonym; the same for every occurrence, in any
            sequence and in the file meta); also the dummy for UI rows coded D
 X/Z/U*     the sequence stays; the UIDs in it are remapped by their own U rows
+SQ rows    coded D, X/D, Z/D, X/Z/D or X/Z: the sequence stays and its items are cleaned
+           by the rows of the attributes inside them (at any depth); an empty or missing
+           sequence would break Type 1 and 3 sequence rules, and no dummy sequence means
+           anything. Residual-PHI verification then checks what is left.
 =========  ======================================================================
 
 Rows with a masked tag (curves 50xx, overlay data and comments 60xx) are removed before the
@@ -102,11 +106,13 @@ def basic_action(row: Row) -> str | None:
         return None
     sequence = row.vr == "SQ"
     code = row.basic
+    if sequence and code not in ("X", "Z"):
+        return None  # kept: its items are cleaned attribute by attribute (see module doc)
     if code == "U" or (row.vr == "UI" and code in ("D", "X/D", "Z/D", "X/Z/D")):
         return f"REPLACE {row.selector} func:uid"
     if code == "X":
         return f"REMOVE {row.selector}"
-    if code in ("Z", "X/Z") or (sequence and code in ("D", "X/D", "Z/D", "X/Z/D")):
+    if code in ("Z", "X/Z"):
         return f"BLANK {row.selector}"
     if code in ("D", "X/D", "Z/D", "X/Z/D"):
         return f"REPLACE {row.selector} func:dummy"
@@ -124,9 +130,8 @@ def option_action(option: str, row: Row) -> str | None:
             return f"KEEP {row.selector}"
         return f"REPLACE {row.selector} func:shift_date"
     if row.selector in spec.get("attributes", []):
-        if option == "clean_descriptors" or (
-            option == "retain_patient_characteristics" and row.vr in TEXT_VRS
-        ):
+        # Retained free text still loses the subject's own identifying values.
+        if option == "clean_descriptors" or row.vr in TEXT_VRS:
             return f"REPLACE {row.selector} func:clean_text"
         return f"KEEP {row.selector}"
     return None
@@ -189,8 +194,7 @@ def uncovered_rows(recipe_selectors: set[str]) -> list[Row]:
     """Rows of the table the base recipe does not act on (should be none)."""
     missing = []
     for row in load_table():
-        handled_elsewhere = row.masked or row.basic == "X/Z/U*"
-        if not handled_elsewhere and row.selector not in recipe_selectors:
+        if basic_action(row) is not None and row.selector not in recipe_selectors:
             missing.append(row)
     return missing
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline import __version__, atomic, intake, ledger, restricted, tables
 from pipeline.deidentify import DeidentificationError, Deidentifier, Subject
-from pipeline.dicomio import read_dicom
+from pipeline.dicomio import read_dicom, write_dicom
 from pipeline.enrollment import lookup
 from pipeline.home import DataHome
 from pipeline.protocol import ProtocolError, load_protocol
@@ -169,7 +169,12 @@ def deidentify(home: DataHome, batch_id: str) -> Path:
             entry.refuse(Reason.DEID_FAILED, str(error))
             continue
         staged = _staged(home, batch_id, entry.file_no)
-        atomic.write_with(staged, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+        try:
+            atomic.write_with(staged, lambda tmp, ds=ds: write_dicom(ds, tmp))
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as error:
+            # pydicom read the file but cannot encode it again (a malformed original).
+            entry.refuse(Reason.DEID_FAILED, f"cannot be written as DICOM ({type(error).__name__})")
+            continue
         entry.staged = str(staged.relative_to(home.claimed_batch(batch_id)))
         entry.sha256_out = intake.sha256_file(staged)
         entry.size_out = staged.stat().st_size

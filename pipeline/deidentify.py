@@ -161,7 +161,12 @@ class Deidentifier:
             return _each(field.element.value, self.shift_date)
 
         def clean_text(item: Any, value: Any, field: Any, dicom: Any = None, **_: Any) -> Any:
-            return _each(field.element.value, lambda v: original.scrub(str(v)))
+            # Text made only of identifying values would end empty: a Type 1 label must
+            # keep a value, so it says what happened instead.
+            return _each(
+                field.element.value,
+                lambda v: original.scrub(str(v)) or (DUMMY_TEXT if str(v) else ""),
+            )
 
         def dummy(item: Any, value: Any, field: Any, dicom: Any = None, **_: Any) -> Any:
             return DUMMIES.get(field.element.VR, DUMMY_TEXT)

@@ -13,6 +13,12 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from pipeline.reasons import Reason
 
@@ -60,6 +66,8 @@ def _read_without_preamble(path: Path, stop_before_pixels: bool) -> ReadResult:
 
 
 def _checked(ds: FileDataset, path: Path, stop_before_pixels: bool) -> ReadResult:
+    if not stop_before_pixels and _ends_past_file(ds, path):
+        return ReadResult(None, Reason.TRUNCATED)
     try:
         uid = str(ds.get("SOPInstanceUID", "") or "").strip()
         if not stop_before_pixels and "PixelData" in ds:
@@ -74,6 +82,22 @@ def _checked(ds: FileDataset, path: Path, stop_before_pixels: bool) -> ReadResul
 
 
 _PIXELS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _ends_past_file(ds: FileDataset, path: Path) -> bool:
+    """The last element claims more bytes than the file has: it was cut off in transfer.
+
+    pydicom stops quietly at the end of a cut file; the length the last element declares
+    (still raw, unparsed) tells where its value was meant to end.
+    """
+    if not ds._dict:
+        return False
+    raw = ds._dict[max(ds._dict)]
+    tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+    if tell is None or length in (None, _UNDEFINED_LENGTH):
+        return False
+    return tell + length > path.stat().st_size
 
 
 def _pixels_short(ds: FileDataset) -> bool:
@@ -102,3 +126,28 @@ def _broken(path: Path) -> Reason:
     with path.open("rb") as handle:
         head = handle.read(132)
     return Reason.TRUNCATED if head[128:132] == b"DICM" else Reason.NOT_DICOM
+
+
+def write_dicom(ds: FileDataset, path: Path) -> None:
+    """Write ``ds`` as a DICOM file (preamble, complete file meta) to ``path``.
+
+    A bare dataset read without file meta gets one that states how it was encoded, and a
+    deflated dataset is written inflated (Explicit VR Little Endian): lossless, and readable
+    by every checker and viewer.
+    """
+    meta = ds.file_meta
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian
+            if implicit
+            else ExplicitVRLittleEndian
+            if little
+            else ExplicitVRBigEndian
+        )
+    elif meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if "SOPClassUID" in ds:
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)

@@ -45,8 +45,13 @@ class ComposedRecipe:
 
     @property
     def kept(self) -> frozenset[str]:
-        """Attributes the composed recipe keeps explicitly (by keyword)."""
-        return frozenset(a.selector for a in self.actions if a.action == "KEEP")
+        """Attributes whose values the composed recipe keeps on purpose (KEEP, or kept and
+        cleaned of the subject's identifying values): their own values are not PHI."""
+        return frozenset(
+            a.selector
+            for a in self.actions
+            if a.action == "KEEP" or (a.action == "REPLACE" and a.value == "func:clean_text")
+        )
 
     @property
     def path(self) -> Path:
