@@ -7,10 +7,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID_dictionary
+
+from pipeline.annex_e import load_table
 
 # Attributes whose values identify the patient, the visit or the people and place involved.
 IDENTIFYING_KEYWORDS = frozenset(
@@ -93,6 +96,15 @@ def _strings(element: DataElement) -> Iterator[str]:
         yield str(value)
 
 
+@lru_cache(maxsize=1)
+def identifying_uid_keywords() -> frozenset[str]:
+    """UID attributes Table E.1-1 lists (instances, studies, series, frames of reference…).
+
+    A UID the table does not list, such as a software's Creator Version UID, names no one.
+    """
+    return frozenset(r.keyword for r in load_table() if r.vr == "UI" and r.keyword)
+
+
 def identifying_values(ds: Dataset, retained: frozenset[str] = frozenset()) -> IdentifyingValues:
     """Collect names (and their parts), IDs, dates, addresses and original UIDs of ``ds``.
 
@@ -110,7 +122,8 @@ def identifying_values(ds: Dataset, retained: frozenset[str] = frozenset()) -> I
                 found.add(name)
                 found.update(p for p in re.split(r"[\^= ,.]+", name) if p)
         elif element.VR == "UI":
-            found.update(v for v in _strings(element) if v not in UID_dictionary)
+            if element.keyword in identifying_uid_keywords():
+                found.update(v for v in _strings(element) if v not in UID_dictionary)
         elif element.VR in ("DA", "DT") or element.keyword in IDENTIFYING_KEYWORDS:
             found.update(_strings(element))
     values = frozenset(v.strip() for v in found if len(v.strip()) >= MIN_LENGTH)
