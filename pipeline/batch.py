@@ -12,7 +12,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline import __version__, atomic, intake, ledger, restricted, tables
-from pipeline.deidentify import DeidentificationError, Deidentifier, Subject
+from pipeline.deidentify import (
+    BurnedInAnnotationError,
+    DeidentificationError,
+    Deidentifier,
+    Subject,
+)
 from pipeline.dicomio import read_dicom, write_dicom
 from pipeline.enrollment import lookup
 from pipeline.home import DataHome
@@ -165,6 +170,9 @@ def deidentify(home: DataHome, batch_id: str) -> Path:
         )
         try:
             outcome = deidentifier.apply(ds)
+        except BurnedInAnnotationError as error:
+            entry.refuse(Reason.BURNED_IN_ANNOTATION, str(error))
+            continue
         except DeidentificationError as error:
             entry.refuse(Reason.DEID_FAILED, str(error))
             continue

@@ -12,8 +12,10 @@ import datetime as dt
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
+import yaml
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -22,7 +24,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 from pipeline import __version__, pseudonyms
 from pipeline.annex_e import option_codes
 from pipeline.enrollment import Enrollee
-from pipeline.home import DataHome
+from pipeline.home import DataHome, recipes_dir
 from pipeline.protocol import Protocol
 from pipeline.recipe import ComposedRecipe, compose
 from pipeline.verify import IdentifyingValues, identifying_values
@@ -33,12 +35,14 @@ with warnings.catch_warnings():
     from deid.config import DeidRecipe
     from deid.dicom.fields import _get_fields_inner
     from deid.dicom.parser import DicomParser
+    from deid.dicom.pixels import clean_pixel_data, has_burned_pixels
     from deid.logger import bot
 
 # deid logs to stdout and keeps every message in memory; some messages quote values.
 bot.level = 0
 
 PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
+CLEAN_PIXEL_CODE = ("113101", "Clean Pixel Data Option")
 # Dummy values (Table E.1-1 "D"): valid for their VR, identifying no one.
 DUMMIES = {
     "DA": "19000101",
@@ -66,6 +70,27 @@ class DeidentificationError(RuntimeError):
     """The recipe could not be applied to a file (the message holds no values)."""
 
 
+class BurnedInAnnotationError(DeidentificationError):
+    """The pixels may carry identifying text and cannot be cleaned by a defined region."""
+
+
+@lru_cache(maxsize=1)
+def burned_in_policy() -> tuple[frozenset[str], frozenset[str]]:
+    """Modalities and SOP classes at risk of burned-in text (``recipes/base/burned_in.yaml``)."""
+    raw = yaml.safe_load((recipes_dir() / "base" / "burned_in.yaml").read_text())
+    return frozenset(raw["modalities"]), frozenset(str(u) for u in raw["sop_classes"])
+
+
+def burned_in_risk(ds: Dataset) -> bool:
+    """Whether the file may show identifying text in its pixels."""
+    modalities, sop_classes = burned_in_policy()
+    return (
+        str(ds.get("BurnedInAnnotation", "")).upper() == "YES"
+        or str(ds.get("Modality", "")) in modalities
+        or str(ds.get("SOPClassUID", "")) in sop_classes
+    )
+
+
 @dataclass
 class Outcome:
     """What de-identifying one file produced: pseudonyms and crosswalk entries."""
@@ -74,6 +99,7 @@ class Outcome:
     series_uid: str
     sop_uid: str
     crosswalk: dict[tuple[str, str], str] = field(default_factory=dict)
+    cleaned_pixels: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,8 +154,11 @@ class Deidentifier:
     def apply(self, ds: FileDataset) -> Outcome:
         """De-identify ``ds`` in place; raise :class:`DeidentificationError` on failure."""
         original = identifying_values(ds, self.composed.kept)
-        remove_structural(ds)
         outcome = Outcome("", "", "")
+        if burned_in_risk(ds):
+            self._clean_pixels(ds)
+            outcome.cleaned_pixels = True
+        remove_structural(ds)
         parser = DicomParser(ds, recipe=self.recipe)
         parser.lookup.update(self.variables)
         parser.lookup.update(self._functions(original, outcome))
@@ -143,7 +172,7 @@ class Deidentifier:
             _get_fields_inner.cache_clear()
             bot.history.clear()
         result = parser.dicom
-        self._stamp(result)
+        self._stamp(result, outcome.cleaned_pixels)
         outcome.study_uid = str(result.get("StudyInstanceUID", ""))
         outcome.series_uid = str(result.get("SeriesInstanceUID", ""))
         outcome.sop_uid = str(result.get("SOPInstanceUID", ""))
@@ -179,10 +208,33 @@ class Deidentifier:
             outcome.crosswalk[(kind, str(value).strip())] = new
         return new
 
-    def _stamp(self, ds: Dataset) -> None:
+    def _clean_pixels(self, ds: Dataset) -> None:
+        """Blank the regions the recipe's %filter defines for this image (deid's coordinates),
+        or refuse the file: an image at risk is never archived as it is."""
+        if "PixelData" not in ds:
+            raise BurnedInAnnotationError("no pixels to clean (a document or a report)")
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        if syntax is not None and syntax.is_compressed:
+            raise BurnedInAnnotationError("compressed pixels cannot be cleaned in place")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = has_burned_pixels(ds, deid=self.recipe)
+            regions = [c for r in found.get("results", []) for c in r.get("coordinates", [])]
+            if not found.get("flagged") or not regions:
+                raise BurnedInAnnotationError("no cleaning region defined for this image")
+            try:
+                cleaned = clean_pixel_data(ds, found)
+            except Exception as error:  # deid/numpy raise anything here
+                raise BurnedInAnnotationError(f"cleaning failed ({type(error).__name__})") from None
+        ds.PixelData = cleaned.astype(ds.pixel_array.dtype).tobytes()
+        ds.BurnedInAnnotation = "NO"
+
+    def _stamp(self, ds: Dataset, cleaned_pixels: bool = False) -> None:
         ds.PatientIdentityRemoved = "YES"
         codes = option_codes()
         claimed = [codes[o] for o in self.protocol.options]
+        if cleaned_pixels:
+            claimed.append(CLEAN_PIXEL_CODE)
         ds.DeidentificationMethod = (
             f"trialpipe {__version__} {self.protocol.recipe_version}; PS3.15 E.1-1"
         )[:64]

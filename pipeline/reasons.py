@@ -37,6 +37,7 @@ class Reason(StrEnum):
     FILE_MISSING = "file_missing"
     # File-level: de-identification and its checks.
     DEID_FAILED = "deid_failed"
+    BURNED_IN_ANNOTATION = "burned_in_annotation"
     RESIDUAL_PHI = "residual_phi"
     MISSING_REQUIRED_TAG = "missing_required_tag"
     VALUE_OUT_OF_RANGE = "value_out_of_range"
@@ -92,6 +93,13 @@ _INFO: dict[Reason, ReasonInfo] = {
         Scope.FILE,
         "The protocol's de-identification recipe could not be applied to the file.",
         "Nothing to do at the site: the imaging core lab will review the recipe.",
+    ),
+    Reason.BURNED_IN_ANNOTATION: ReasonInfo(
+        Scope.FILE,
+        "The image may show identifying text in its pixels and no cleaning region is defined"
+        " for it.",
+        "Send screen captures and reports only if the protocol asks; otherwise nothing to do:"
+        " the core lab will define a cleaning region for this scanner or review the image.",
     ),
     Reason.RESIDUAL_PHI: ReasonInfo(
         Scope.FILE,

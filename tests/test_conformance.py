@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import batch, enrollment, intake
-from pipeline.deidentify import Deidentifier, Subject
+from pipeline.deidentify import BurnedInAnnotationError, Deidentifier, Subject, burned_in_risk
 from pipeline.dicomio import read_dicom, write_dicom
 from pipeline.enrollment import Enrollee
 from pipeline.worklist import Worklist
@@ -58,7 +58,12 @@ def test_the_corpus_is_the_real_thing():
 def test_deidentification_adds_no_conformance_error(source, home, protocol, tmp_path):
     baseline = _baseline(source, tmp_path / "baseline.dcm")
     ds = read_dicom(source).dataset
-    Deidentifier(home, protocol, SUBJECT).apply(ds)
+    try:
+        Deidentifier(home, protocol, SUBJECT).apply(ds)
+    except BurnedInAnnotationError:
+        # Quarantined, so never archived: only images at risk may take this way out.
+        assert burned_in_risk(read_dicom(source).dataset)
+        return
     output = tmp_path / "output.dcm"
     write_dicom(ds, output)
     assert dciodvfy_errors(output) - dciodvfy_errors(baseline) == set()

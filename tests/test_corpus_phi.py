@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from pipeline import annex_e
-from pipeline.deidentify import Deidentifier, Subject
+from pipeline.deidentify import Deidentifier, Subject, burned_in_risk
 from pipeline.dicomio import read_dicom, write_dicom
 from pipeline.enrollment import Enrollee
 from pipeline.verify import identifying_values, residual_phi
@@ -96,6 +96,8 @@ def outputs(tmp_path_factory, protocol):
     for number, source in enumerate(READABLE):
         originals = []
         everything = source.name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm")
+        if burned_in_risk(read_dicom(source).dataset):
+            continue  # quarantined unless cleaned by region: tests/test_burned_in.py
         for deidentifier in (first, second):
             ds = read_dicom(source).dataset
             plant_phi(ds, None if everything else number % SHARES)
