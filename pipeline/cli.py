@@ -65,6 +65,21 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--subjects-per-site", type=int, default=2)
     demo.set_defaults(handler=cmd_demo)
 
+    recipe = commands.add_parser("recipe", help="check a protocol's definition and recipe")
+    recipe_commands = recipe.add_subparsers(dest="recipe_command", required=True)
+    recipe_check = recipe_commands.add_parser("check", help="validate protocol.yaml and recipe")
+    recipe_check.add_argument("protocol", metavar="PROTOCOL")
+    recipe_check.set_defaults(handler=cmd_recipe_check)
+
+    crosswalk = commands.add_parser("crosswalk", help="the original-to-pseudonym crosswalk")
+    crosswalk_commands = crosswalk.add_subparsers(dest="crosswalk_command", required=True)
+    export = crosswalk_commands.add_parser(
+        "export", help="write id_old,id_new CSV for a reviewer (holds original identifiers)"
+    )
+    export.add_argument("--protocol", required=True)
+    export.add_argument("output", type=Path, metavar="CSV")
+    export.set_defaults(handler=cmd_crosswalk_export)
+
     ui = commands.add_parser("ui", help="serve the Airflow UI of the embedded data home")
     ui.add_argument("--port", type=int, default=8080)
     ui.set_defaults(handler=cmd_ui)
@@ -196,6 +211,30 @@ def cmd_demo(home: DataHome, args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
     print(run_demo(home, subjects_per_site=args.subjects_per_site))
+    return 0
+
+
+def cmd_recipe_check(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline.recipe_check import check
+
+    problems = check(args.protocol)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.protocol}", file=sys.stderr)
+        return 1
+    print(f"{args.protocol}: protocol and recipe are valid")
+    return 0
+
+
+def cmd_crosswalk_export(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline.restricted import export_crosswalk
+
+    count = export_crosswalk(home, _protocol(args.protocol).protocol_id, args.output)
+    print(
+        f"wrote {count} id_old,id_new pair(s) to {args.output} (original identifiers: "
+        "keep it inside the restricted side)"
+    )
     return 0
 
 

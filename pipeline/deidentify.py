@@ -59,6 +59,20 @@ DUMMIES = {
     "FD": 0.0,
 }
 DUMMY_TEXT = "REMOVED"
+# What a recipe may name with func: and var: (trialpipe supplies exactly these; deid would
+# silently leave the original value in place for any other name).
+RECIPE_FUNCTIONS = frozenset({"uid", "shift_date", "clean_text", "dummy"})
+RECIPE_VARIABLES = frozenset(
+    {
+        "subject_id",
+        "site_id",
+        "visit",
+        "visit_description",
+        "protocol_id",
+        "protocol_name",
+        "sponsor",
+    }
+)
 CROSSWALK_KINDS = {
     "StudyInstanceUID": "study",
     "SeriesInstanceUID": "series",
@@ -155,6 +169,9 @@ class Deidentifier:
         """De-identify ``ds`` in place; raise :class:`DeidentificationError` on failure."""
         original = identifying_values(ds, self.composed.kept)
         outcome = Outcome("", "", "")
+        patient_id = str(ds.get("PatientID", "") or "").strip()
+        if patient_id:
+            outcome.crosswalk[("subject", patient_id)] = self.subject.enrollee.subject_id
         if burned_in_risk(ds):
             self._clean_pixels(ds)
             outcome.cleaned_pixels = True

@@ -13,7 +13,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
+
 from pipeline import atomic, batch, enrollment, intake, restricted
+from pipeline.dicomio import read_dicom
 from pipeline.home import DataHome
 from pipeline.intake import UploadRefused
 from pipeline.pseudonyms import trial_secret
@@ -59,10 +62,12 @@ def deidentify_folder(
         report_files = []
         for entry in worklist.files:
             reason = worklist.batch_reason or entry.reason
+            actions = None
             if reason is None and entry.staged:
-                atomic.copy_file(
-                    sandbox.claimed_batch(batch_id) / entry.staged, output_dir / entry.path
-                )
+                staged = sandbox.claimed_batch(batch_id) / entry.staged
+                atomic.copy_file(staged, output_dir / entry.path)
+                original = sandbox.claimed_batch(batch_id) / intake.FILES / entry.path
+                actions = changes(read_dicom(original).dataset, read_dicom(staged).dataset)
             report_files.append(
                 {
                     "path": entry.path,
@@ -70,6 +75,7 @@ def deidentify_folder(
                     "detail": worklist.batch_detail if worklist.batch_reason else entry.detail,
                     "flags": entry.flags,
                     "sop_instance_uid": entry.sop_uid if reason is None else None,
+                    "actions": actions,
                 }
             )
         report = {
@@ -83,6 +89,25 @@ def deidentify_folder(
         return report
     finally:
         shutil.rmtree(sandbox.root, ignore_errors=True)
+
+
+def changes(original: Dataset, output: Dataset) -> dict[str, list[str]]:
+    """What de-identification did to each top-level attribute, by name (never by value)."""
+    done: dict[str, list[str]] = {"removed": [], "emptied": [], "replaced": [], "kept": []}
+    before = {element.tag: element for element in original}
+    after = {element.tag: element for element in output}
+    for tag, element in before.items():
+        name = element.keyword or str(tag)
+        if tag not in after:
+            done["removed"].append(name)
+        elif after[tag].value in (None, "", b"") and element.value not in (None, "", b""):
+            done["emptied"].append(name)
+        elif after[tag].value != element.value:
+            done["replaced"].append(name)
+        else:
+            done["kept"].append(name)
+    done["added"] = [e.keyword or str(t) for t, e in after.items() if t not in before]
+    return done
 
 
 def _seed(home: DataHome, sandbox: DataHome, protocol_id: str, subject_id: str) -> None:

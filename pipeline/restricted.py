@@ -7,10 +7,14 @@ Nothing here may be copied into the ledger, the Parquet tables or the archive.
 
 from __future__ import annotations
 
+import csv
+import os
+from pathlib import Path
+
 from sqlalchemy import Column, Date, MetaData, String, Table, select
 from sqlalchemy.engine import Engine
 
-from pipeline import db
+from pipeline import atomic, db
 from pipeline.home import DataHome
 
 metadata = MetaData()
@@ -96,3 +100,25 @@ def link_patient(
             )
             return True
         return row.fingerprint == fingerprint
+
+
+def export_crosswalk(home: DataHome, protocol_id: str, target: Path) -> int:
+    """Write the crosswalk as ``id_old,id_new`` CSV (the form TCIA's MIDI-B validation reads)
+    for a reviewer; return the number of pairs. The file holds original identifiers: it is
+    for the restricted side only."""
+    with store(home).connect() as conn:
+        rows = conn.execute(
+            select(crosswalk.c.original, crosswalk.c.pseudonym)
+            .where(crosswalk.c.protocol_id == protocol_id)
+            .order_by(crosswalk.c.kind, crosswalk.c.original)
+        ).all()
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id_old", "id_new"])
+            writer.writerows(rows)
+        os.chmod(tmp, 0o600)
+
+    atomic.write_with(target, write)
+    return len(rows)

@@ -145,6 +145,11 @@ def test_deid_dry_run_writes_deidentified_files_and_a_report_and_no_archive(
 
     sample = pydicom.dcmread(written[0])
     assert sample.PatientIdentityRemoved == "YES" and sample.PatientID == planned.subject_id
+    actions = next(f["actions"] for f in report["files"] if f["actions"])
+    assert "PatientAddress" in actions["removed"] and "StudyInstanceUID" in actions["replaced"]
+    assert "PatientIdentityRemoved" in actions["added"] and "Modality" in actions["kept"]
+    text = (out_dir / "deid-report.json").read_text()
+    assert trial.patients[planned.subject_id].patient_id not in text  # names, never values
 
 
 def test_deid_dry_run_refuses_an_unenrolled_subject(capsys, enrolled, trial, tmp_path):
@@ -164,3 +169,23 @@ def test_deid_dry_run_refuses_an_unenrolled_subject(capsys, enrolled, trial, tmp
         str(tmp_path / "o"),
     )
     assert code == 2 and "not enrolled" in err
+
+
+def test_the_crosswalk_exports_old_and_new_ids_for_a_reviewer(capsys, enrolled, trial, tmp_path):
+    from pipeline import batch, intake
+
+    planned = trial.batches[1]
+    batch_id = intake.stage_batch(
+        enrolled, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
+    )
+    for step in batch.TASKS:
+        batch.run_task(step, batch_id, enrolled)
+    target = tmp_path / "crosswalk.csv"
+    code, _, _ = run(capsys, enrolled, "crosswalk", "export", "--protocol", "DEMO-01", str(target))
+    lines = target.read_text().splitlines()
+    assert code == 0 and lines[0] == "id_old,id_new"
+    pairs = dict(line.split(",") for line in lines[1:])
+    patient = trial.patients[planned.subject_id]
+    assert pairs[patient.patient_id] == planned.subject_id
+    assert sum(new.startswith("2.25.") for new in pairs.values()) >= 6 + 2 + 2
+    assert target.stat().st_mode & 0o077 == 0
