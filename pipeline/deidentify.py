@@ -19,13 +19,14 @@ import yaml
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from pipeline import __version__, pseudonyms
 from pipeline.annex_e import option_codes
 from pipeline.enrollment import Enrollee
 from pipeline.home import DataHome, recipes_dir
-from pipeline.protocol import Protocol
+from pipeline.protocol import Protocol, SafePrivate
 from pipeline.recipe import ComposedRecipe, compose
 from pipeline.verify import IdentifyingValues, identifying_values
 
@@ -175,7 +176,7 @@ class Deidentifier:
         if burned_in_risk(ds):
             self._clean_pixels(ds)
             outcome.cleaned_pixels = True
-        remove_structural(ds)
+        remove_structural(ds, self.protocol.safe_private)
         parser = DicomParser(ds, recipe=self.recipe)
         parser.lookup.update(self.variables)
         parser.lookup.update(self._functions(original, outcome))
@@ -277,25 +278,39 @@ class Deidentifier:
                 delattr(meta, keyword)
 
 
-def remove_structural(ds: Dataset) -> None:
+def remove_structural(ds: Dataset, safe: tuple[SafePrivate, ...] = ()) -> None:
     """Remove what the profile removes by tag range, not by attribute: private elements
-    (Table E.1-1 "Private attributes": X), curve groups (50xx) and overlay groups (60xx,
-    whose Overlay Data and Comments are X; the rest of a plane is useless without them)."""
-    ds.remove_private_tags()
-    _strip_repeating_groups(ds)
-
-
-def _repeating_group(group: int) -> bool:
-    return group % 2 == 0 and (0x5000 <= group <= 0x501E or 0x6000 <= group <= 0x601E)
-
-
-def _strip_repeating_groups(ds: Dataset) -> None:
-    for tag in [element.tag for element in ds if _repeating_group(element.tag.group)]:
+    (Table E.1-1 "Private attributes": X) except those a claimed Retain Safe Private lists,
+    curve groups (50xx) and overlay groups (60xx, whose Overlay Data and Comments are X;
+    the rest of a plane is useless without them). Recurses into sequence items."""
+    keep = _safe_private_tags(ds, safe)
+    for tag in [e.tag for e in ds if e.tag.is_private and e.tag not in keep]:
+        del ds[tag]
+    for tag in [e.tag for e in ds if _repeating_group(e.tag.group)]:
         del ds[tag]
     for element in ds.values():
         if element.VR == "SQ":
             for item in element.value:
-                _strip_repeating_groups(item)
+                remove_structural(item, safe)
+
+
+def _safe_private_tags(ds: Dataset, safe: tuple[SafePrivate, ...]) -> set[int]:
+    """Tags of the safe-listed private elements present in ``ds`` and their creators."""
+    keep: set[int] = set()
+    for rule in safe:
+        for block_number in range(0x10, 0x100):
+            creator_tag = Tag(rule.group, block_number)
+            if creator_tag not in ds or str(ds[creator_tag].value).strip() != rule.creator:
+                continue
+            listed = {Tag(rule.group, (block_number << 8) | e) for e in rule.elements}
+            present = {t for t in listed if t in ds}
+            if present:
+                keep |= present | {creator_tag}
+    return keep
+
+
+def _repeating_group(group: int) -> bool:
+    return group % 2 == 0 and (0x5000 <= group <= 0x501E or 0x6000 <= group <= 0x601E)
 
 
 def _each(value: Any, transform: Callable[[str], str]) -> Any:

@@ -43,6 +43,16 @@ class TagRule:
 
 
 @dataclass(frozen=True)
+class SafePrivate:
+    """Private elements a protocol keeps under Retain Safe Private: in ``group``, the block
+    reserved by ``creator``, the element offsets listed (0x00-0xFF)."""
+
+    group: int
+    creator: str
+    elements: frozenset[int]
+
+
+@dataclass(frozen=True)
 class Protocol:
     protocol_id: str
     name: str
@@ -58,6 +68,7 @@ class Protocol:
     recipe_version: str
     folder: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    safe_private: tuple[SafePrivate, ...] = ()
 
     @property
     def visit_ids(self) -> tuple[str, ...]:
@@ -120,6 +131,11 @@ def load_protocol(protocol_id: str) -> Protocol:
             recipe_version=f"{protocol_id}@{digest.hexdigest()[:12]}",
             folder=folder,
             extra={k: v for k, v in raw.items() if k not in _KNOWN_KEYS},
+            safe_private=(
+                tuple(_safe_private(item) for item in deid.get("safe_private") or [])
+                if "retain_safe_private" in options
+                else ()
+            ),
         )
     except (KeyError, TypeError, ValueError) as error:
         if isinstance(error, ProtocolError):
@@ -143,6 +159,14 @@ _KNOWN_KEYS = {
 
 def _as_date(value: Any) -> dt.date:
     return value if isinstance(value, dt.date) else dt.date.fromisoformat(str(value))
+
+
+def _safe_private(item: Any) -> SafePrivate:
+    return SafePrivate(
+        group=int(str(item["group"]), 16),
+        creator=str(item["creator"]),
+        elements=frozenset(int(str(e), 16) for e in item["elements"]),
+    )
 
 
 def _tag_rule(rule: Any) -> TagRule:
