@@ -19,8 +19,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.home import DataHome, dags_dir
@@ -163,13 +161,13 @@ class _Stack:
         self.pidfile.unlink(missing_ok=True)
 
 
-@contextmanager
-def _configured(home: DataHome, port: int) -> Iterator[dict[str, str]]:
+def _configure(home: DataHome, port: int) -> dict[str, str]:
+    """Point this process's Airflow at the data home; return the children's environment."""
     env = airflow_env(home, port)
     # This process only migrates, triggers and polls: its own Airflow logging stays quiet;
     # the components (and the task logs) keep Airflow's INFO level.
     os.environ.update({**env, "AIRFLOW__LOGGING__LOGGING_LEVEL": "ERROR"})
-    yield {**env, "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO"}
+    return {**env, "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO"}
 
 
 def _migrate() -> None:
@@ -209,42 +207,42 @@ def run_ready_batches(home: DataHome, timeout: float = 3600) -> dict[str, str]:
         return {}
     port = _free_port()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with _configured(home, port) as env:
-        _migrate()
-        stack = _Stack(home, env)
-        try:
-            stack.start(
+    env = _configure(home, port)
+    _migrate()
+    stack = _Stack(home, env)
+    try:
+        stack.start(
+            "api-server",
+            [
                 "api-server",
-                [
-                    "api-server",
-                    "--apps",
-                    "execution",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--workers",
-                    "1",
-                ],
+                "--apps",
+                "execution",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+        )
+        stack.start("scheduler", ["scheduler", "--skip-serve-logs"])
+        _serialize_dags()
+        deadline = time.monotonic() + 180
+        _wait_for(_dag_ready, stack, deadline, "the ingest DAG to be parsed")
+        _wait_for(lambda: _healthy(port), stack, deadline, "the Execution API")
+        runs = {_trigger(batch.batch_id): batch.batch_id for batch in batches}
+        states: dict[str, str] = {}
+
+        def all_terminal() -> bool:
+            states.update(_run_states(list(runs)))
+            return len(states) == len(runs) and all(
+                s in ("success", "failed") for s in states.values()
             )
-            stack.start("scheduler", ["scheduler", "--skip-serve-logs"])
-            _serialize_dags()
-            deadline = time.monotonic() + 180
-            _wait_for(_dag_ready, stack, deadline, "the ingest DAG to be parsed")
-            _wait_for(lambda: _healthy(port), stack, deadline, "the Execution API")
-            runs = {_trigger(batch.batch_id): batch.batch_id for batch in batches}
-            states: dict[str, str] = {}
 
-            def all_terminal() -> bool:
-                states.update(_run_states(list(runs)))
-                return len(states) == len(runs) and all(
-                    s in ("success", "failed") for s in states.values()
-                )
-
-            _wait_for(all_terminal, stack, time.monotonic() + timeout, "the DAG runs")
-        finally:
-            stack.stop()
-            signal.signal(signal.SIGTERM, previous)
+        _wait_for(all_terminal, stack, time.monotonic() + timeout, "the DAG runs")
+    finally:
+        stack.stop()
+        signal.signal(signal.SIGTERM, previous)
     return {runs[run_id]: state for run_id, state in states.items()}
 
 
@@ -301,11 +299,11 @@ def _run_states(run_ids: list[str]) -> dict[str, str]:
 
 def serve_ui(home: DataHome, port: int = 8080) -> int:
     """Serve Airflow's UI and REST API for this data home until interrupted."""
-    with _configured(home, port) as env:
-        _migrate()
-        airflow = str(Path(sys.executable).parent / "airflow")
-        print(f"Airflow UI: http://127.0.0.1:{port}/  (Ctrl-C to stop)")
-        return subprocess.call(
-            [airflow, "api-server", "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, **env},
-        )
+    env = _configure(home, port)
+    _migrate()
+    airflow = str(Path(sys.executable).parent / "airflow")
+    print(f"Airflow UI: http://127.0.0.1:{port}/  (Ctrl-C to stop)")
+    return subprocess.call(
+        [airflow, "api-server", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, **env},
+    )

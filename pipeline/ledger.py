@@ -267,17 +267,6 @@ def file_rows(home: DataHome, batch_id: str | None = None) -> list[dict[str, Any
         return [dict(r._mapping) for r in conn.execute(query).all()]
 
 
-def events(home: DataHome, batch_id: str) -> list[dict[str, Any]]:
-    """The state trail of one batch, oldest first."""
-    query = (
-        select(batch_events)
-        .where(batch_events.c.batch_id == batch_id)
-        .order_by(batch_events.c.event_id)
-    )
-    with _engine(home).connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(query).all()]
-
-
 def _parse_time(value: Any) -> dt.datetime | None:
     if not value:
         return None

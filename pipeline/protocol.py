@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,6 @@ class Protocol:
     recipe_files: tuple[Path, ...]
     recipe_version: str
     folder: Path
-    extra: dict[str, Any] = field(default_factory=dict)
     safe_private: tuple[SafePrivate, ...] = ()
 
     @property
@@ -130,7 +129,6 @@ def load_protocol(protocol_id: str) -> Protocol:
             recipe_files=recipe_files,
             recipe_version=f"{protocol_id}@{digest.hexdigest()[:12]}",
             folder=folder,
-            extra={k: v for k, v in raw.items() if k not in _KNOWN_KEYS},
             safe_private=(
                 tuple(_safe_private(item) for item in deid.get("safe_private") or [])
                 if "retain_safe_private" in options
@@ -141,20 +139,6 @@ def load_protocol(protocol_id: str) -> Protocol:
         if isinstance(error, ProtocolError):
             raise
         raise ProtocolError(f"{path}: invalid protocol definition ({error})") from error
-
-
-_KNOWN_KEYS = {
-    "protocol_id",
-    "name",
-    "sponsor",
-    "uid_root",
-    "dates",
-    "arms",
-    "sites",
-    "visits",
-    "deidentification",
-    "required_tags",
-}
 
 
 def _as_date(value: Any) -> dt.date:

@@ -162,7 +162,6 @@ class BatchState(StrEnum):
     """Lifecycle of a batch; the last three are terminal."""
 
     READY = "ready"
-    CLAIMED = "claimed"
     PROCESSING = "processing"
     DONE = "done"
     QUARANTINED = "quarantined"

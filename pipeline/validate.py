@@ -82,7 +82,7 @@ def check_batch(protocol: Protocol, rows: list[dict[str, Any]]) -> list[Finding]
             {
                 "file_no": [r["file_no"] for r in selected],
                 **{
-                    _column(rule): [_cell(rule, r.get(rule.keyword)) for r in selected]
+                    rule.keyword: [_cell(rule, r.get(rule.keyword)) for r in selected]
                     for rule in rules
                 },
             }
@@ -111,10 +111,6 @@ def check_batch(protocol: Protocol, rows: list[dict[str, Any]]) -> list[Finding]
     return findings
 
 
-def _column(rule: TagRule) -> str:
-    return rule.keyword
-
-
 def _cell(rule: TagRule, value: Any) -> Any:
     if rule.min is not None or rule.max is not None:
         return first_number(value)
@@ -122,7 +118,7 @@ def _cell(rule: TagRule, value: Any) -> Any:
 
 
 def _expectations(gx: Any, rule: TagRule) -> list[tuple[Any, Reason]]:
-    column = _column(rule)
+    column = rule.keyword
     made = [
         (gx.expectations.ExpectColumnValuesToNotBeNull(column=column), Reason.MISSING_REQUIRED_TAG)
     ]
@@ -149,7 +145,7 @@ def _expectations(gx: Any, rule: TagRule) -> list[tuple[Any, Reason]]:
 
 def _findings(result: Any, meta: list[tuple[TagRule, Reason]]) -> list[Finding]:
     found: list[Finding] = []
-    by_key = {(_column(rule), reason): rule for rule, reason in meta}
+    by_key = {(rule.keyword, reason): rule for rule, reason in meta}
     for item in result.results:
         if item.success:
             continue
