@@ -11,7 +11,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline import __version__, atomic, intake, ledger, restricted, tables
+from pipeline import __version__, atomic, intake, ledger, restricted, rows, tables
 from pipeline.deidentify import (
     BurnedInAnnotationError,
     DeidentificationError,
@@ -225,7 +225,8 @@ def verify(home: DataHome, batch_id: str) -> Path:
 
 
 def validate(home: DataHome, batch_id: str) -> Path:
-    """Check the protocol's required tags (Great Expectations) and spot duplicates."""
+    """Check the protocol's required tags (Great Expectations, with Data Docs per batch),
+    take each file's table row from its de-identified header, and spot duplicates."""
     from pipeline import validate as rules
 
     worklist = _load(home, batch_id, "verify")
@@ -238,18 +239,30 @@ def validate(home: DataHome, batch_id: str) -> Path:
             ds = read_dicom(
                 home.claimed_batch(batch_id) / str(entry.staged), stop_before_pixels=True
             ).dataset
-            row = tables.instance_row(ds, protocol.date_anchor)
+            row = rows.instance_row(ds, protocol.date_anchor)
             entry.row = {
                 k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()
             }
             metadata.append({"file_no": entry.file_no, **{k: ds.get(k) for k in wanted if k in ds}})
         by_no = {entry.file_no: entry for entry in entries}
-        for finding in rules.check_batch(protocol, metadata):
+        docs = home.qc_report(batch_id)
+        for finding in rules.check_batch(protocol, metadata, docs, run_name=batch_id):
             entry = by_no[finding.file_no]
+            entry.findings.append(
+                {
+                    "attribute": finding.keyword,
+                    "modality": finding.modality,
+                    "expectation": finding.expectation,
+                    "reason": finding.reason.value,
+                    "action": finding.action,
+                    "observed": finding.observed,
+                    "detail": finding.detail,
+                }
+            )
             if finding.quarantine and entry.reason is None:
                 entry.refuse(finding.reason, finding.detail)
-            elif not finding.quarantine:
-                entry.flags.append(finding.detail)
+        if (docs / "index.html").exists():
+            worklist.qc_report = str((docs / "index.html").relative_to(home.root))
         _mark_duplicates(home, worklist)
     log.info("validated batch %s: %d files pass", batch_id, len(worklist.in_play()))
     return worklist.save(_state(home, batch_id, "validate"))
@@ -291,31 +304,55 @@ def _archive_relative(worklist: Worklist, entry: FileEntry) -> str:
 
 
 def write_tables(home: DataHome, batch_id: str) -> Path:
-    """Write the batch's rows of the instances table (replacing any earlier run's file)."""
+    """Write the batch's rows of the instances, series and qc_findings tables, replacing
+    any earlier run's rows."""
     worklist = _load(home, batch_id, "validate")
-    protocol_version = _recipe_version(worklist.protocol_id) or ""
-    rows = []
+    versions = {
+        "recipe_version": _recipe_version(worklist.protocol_id) or "",
+        "code_version": __version__,
+    }
+    identity = {
+        "batch_id": batch_id,
+        "subject_id": worklist.subject_id,
+        "arm": worklist.arm,
+        "visit": worklist.visit,
+    }
+    instances = []
     for entry in worklist.in_play():
         entry.archive_path = _archive_relative(worklist, entry)
-        rows.append(
+        instances.append(
             {
                 **(entry.row or {}),
-                "batch_id": batch_id,
-                "subject_id": worklist.subject_id,
-                "arm": worklist.arm,
-                "visit": worklist.visit,
+                **identity,
                 "file_size_bytes": entry.size_out,
                 "sha256": entry.sha256_out,
                 "archive_path": entry.archive_path,
-                "recipe_version": protocol_version,
-                "code_version": __version__,
+                **versions,
             }
         )
+    findings = [
+        {
+            **identity,
+            **finding,
+            "file_no": entry.file_no,
+            "sop_instance_uid": entry.sop_uid,
+            "series_uid": entry.series_uid,
+            **versions,
+        }
+        for entry in worklist.files
+        if not worklist.batch_reason
+        for finding in entry.findings
+    ]
     if worklist.protocol_id and worklist.site_id:
-        tables.write_batch(
-            home, "instances", worklist.protocol_id, worklist.site_id, batch_id, rows
-        )
-    log.info("tables for batch %s: %d instance rows", batch_id, len(rows))
+        for table, table_rows in (
+            ("instances", instances),
+            ("series", rows.series_rows(instances)),
+            ("qc_findings", findings),
+        ):
+            tables.write_batch(
+                home, table, worklist.protocol_id, worklist.site_id, batch_id, table_rows
+            )
+    log.info("tables for batch %s: %d instance rows", batch_id, len(instances))
     return worklist.save(_state(home, batch_id, "tables"))
 
 
@@ -396,18 +433,66 @@ def finalize(home: DataHome, batch_id: str) -> Path:
     ledger.record_files(home, batch_id, records)
     state = BatchState.QUARANTINED if worklist.batch_reason else BatchState.DONE
     ledger.set_state(home, batch_id, state, worklist.batch_reason, reason=worklist.batch_reason)
+    _write_batch_row(home, worklist, state, records)
     summary = atomic.write_json(
         home.batch_record(batch_id),
         {
             "batch_id": batch_id,
             "state": state.value,
             "reason": worklist.batch_reason,
+            "qc_report": worklist.qc_report,
             "files": [asdict(record) for record in records],
         },
     )
     intake.remove_tree(folder)
     log.info("finalized batch %s: %s", batch_id, state.value)
     return summary
+
+
+def _write_batch_row(
+    home: DataHome, worklist: Worklist, state: BatchState, records: list[ledger.FileRecord]
+) -> None:
+    """The batch's row of the batches table. Partition and identity values are written
+    only once trusted: a batch refused at claim may carry anything a site typed."""
+    try:
+        protocol = load_protocol(worklist.protocol_id)
+    except ProtocolError:
+        protocol = None
+    trusted = protocol is not None and worklist.site_id in protocol.sites
+    enrolled = worklist.arm is not None
+    times = ledger.state_times(home, worklist.batch_id)
+    claimed = times.get(BatchState.PROCESSING.value)
+    finished = times.get(state.value)
+    by = {d: [r for r in records if r.disposition == d] for d in Disposition}
+    row = {
+        "batch_id": worklist.batch_id,
+        "subject_id": worklist.subject_id if enrolled else None,
+        "arm": worklist.arm if enrolled else None,
+        "visit": worklist.visit if trusted and worklist.visit in protocol.visit_ids else None,
+        "state": state.value,
+        "reason": worklist.batch_reason,
+        "files": len(records),
+        "archived": len(by[Disposition.ARCHIVED]),
+        "quarantined": len(by[Disposition.QUARANTINED]),
+        "duplicates": len(by[Disposition.DUPLICATE]),
+        "flagged": sum(1 for r in by[Disposition.ARCHIVED] if r.detail),
+        "bytes_uploaded": sum(int(r.size or 0) for r in records),
+        "bytes_archived": sum(
+            int(e.size_out or 0) for e in worklist.files if e.in_play and not worklist.batch_reason
+        ),
+        "uploaded_at": (ledger.batch_row(home, worklist.batch_id) or {}).get("uploaded_at"),
+        "claimed_at": claimed,
+        "finished_at": finished,
+        "processing_seconds": (finished - claimed).total_seconds()
+        if claimed and finished
+        else None,
+        "qc_report": worklist.qc_report,
+        "recipe_version": protocol.recipe_version if protocol else None,
+        "code_version": __version__,
+    }
+    protocol_part = worklist.protocol_id if trusted else tables.UNKNOWN
+    site_part = worklist.site_id if trusted else tables.UNKNOWN
+    tables.write_batch(home, "batches", protocol_part, site_part, worklist.batch_id, [row])
 
 
 TASKS = {

@@ -80,6 +80,24 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("output", type=Path, metavar="CSV")
     export.set_defaults(handler=cmd_crosswalk_export)
 
+    sql = commands.add_parser("query", help="run SQL (DuckDB) over the Parquet tables")
+    sql.add_argument("sql", metavar="SQL", help="views: instances, series, batches, qc_findings")
+    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sql.set_defaults(handler=cmd_query)
+
+    report = commands.add_parser("report", help="reports computed from the tables")
+    report_commands = report.add_subparsers(dest="report_command", required=True)
+    arms = report_commands.add_parser("arms", help="arm comparison: HTML page plus CSV")
+    arms.add_argument("--protocol", help="protocol ID (default: the only one there is)")
+    arms.add_argument("--blinded", action="store_true", help="arms as coded groups")
+    arms.add_argument("--as-of", type=_date, help="date visits are judged at (default today)")
+    arms.add_argument("--out", type=Path, help="folder (default reports/arms/<protocol>/)")
+    arms.set_defaults(handler=cmd_report_arms)
+
+    compact = commands.add_parser("compact", help="run the table compaction DAG once")
+    compact.add_argument("--timeout", type=float, default=3600)
+    compact.set_defaults(handler=cmd_compact)
+
     ui = commands.add_parser("ui", help="serve the Airflow UI of the embedded data home")
     ui.add_argument("--port", type=int, default=8080)
     ui.set_defaults(handler=cmd_ui)
@@ -91,6 +109,15 @@ def _batch_identity(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site", required=True)
     parser.add_argument("--subject", required=True)
     parser.add_argument("--visit", required=True)
+
+
+def _date(text: str):  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
 def _protocol(protocol_id: str):  # type: ignore[no-untyped-def]
@@ -236,6 +263,62 @@ def cmd_crosswalk_export(home: DataHome, args: argparse.Namespace) -> int:
         "keep it inside the restricted side)"
     )
     return 0
+
+
+def cmd_query(home: DataHome, args: argparse.Namespace) -> int:
+    import csv
+
+    from pipeline.query import QueryError, format_table, run
+
+    try:
+        result = run(home, args.sql)
+    except QueryError as error:
+        raise Refused(f"query failed: {error}") from None
+    if args.format == "json":
+        print(
+            json.dumps(
+                [dict(zip(result.columns, r, strict=True)) for r in result.rows],
+                indent=2,
+                default=str,
+            )
+        )
+    elif args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
+    else:
+        print(format_table(result))
+    return 0
+
+
+def cmd_report_arms(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline.protocol import known_protocols
+    from pipeline.report import write_arm_report
+
+    protocol_id = args.protocol
+    if protocol_id is None:
+        known = known_protocols()
+        if len(known) != 1:
+            raise Refused("several protocols: name one with --protocol " + ", ".join(known))
+        protocol_id = known[0]
+    report = write_arm_report(
+        home, _protocol(protocol_id), blinded=args.blinded, as_of=args.as_of, out_dir=args.out
+    )
+    print(f"arm report: {report.html}")
+    for path in (report.counts_csv, report.parameters_csv, report.visits_csv):
+        print(f"       csv: {path}")
+    return 0
+
+
+def cmd_compact(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline.embedded import EmbeddedAirflowError, run_compaction
+
+    try:
+        state = run_compaction(home, timeout=args.timeout)
+    except EmbeddedAirflowError as error:
+        raise Refused(str(error)) from None
+    print(f"compaction DAG run: {state}")
+    return 0 if state == "success" else 1
 
 
 def cmd_ui(home: DataHome, args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from pipeline import enrollment, intake, ledger
 from pipeline.embedded import run_ready_batches
 from pipeline.home import DataHome
 from pipeline.protocol import load_protocol
+from pipeline.report import write_arm_report
 from pipeline.synth import SyntheticTrial, make_trial, make_wrong_patient_batch
 
 PROTOCOL = "DEMO-01"
@@ -42,7 +43,11 @@ def run_demo(home: DataHome, subjects_per_site: int = 2) -> str:
         second = run_ready_batches(home)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return summary(home, {**first, **second})
+    report = write_arm_report(home, protocol)
+    blinded = write_arm_report(home, protocol, blinded=True)
+    return summary(home, {**first, **second}) + (
+        f"\narm report: {report.html}\n   blinded: {blinded.html}"
+    )
 
 
 def upload_trial(home: DataHome, trial: SyntheticTrial) -> dict[str, str]:
@@ -70,13 +75,12 @@ def upload_trial(home: DataHome, trial: SyntheticTrial) -> dict[str, str]:
 def summary(home: DataHome, runs: dict[str, str]) -> str:
     """What happened, for a data manager: batches, archive per arm, quarantine by reason,
     and one arm comparison computed with DuckDB from the Parquet tables."""
-    import duckdb
+    from pipeline.query import format_table, run
 
     batches = ledger.batch_rows(home)
     files = ledger.file_rows(home)
     states = Counter(b["state"] for b in batches)
     reasons = Counter(f["reason"] for f in files if f["disposition"] == "quarantined")
-    instances = f"{home.parquet}/instances/**/*.parquet"
     lines = [
         f"trialpipe demo ({PROTOCOL}) in {home.root}",
         f"DAG runs: {len(runs)} ({Counter(runs.values())})",
@@ -87,21 +91,22 @@ def summary(home: DataHome, runs: dict[str, str]) -> str:
         f"{sum(f['disposition'] == 'duplicate' for f in files)}",
         "quarantined by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())),
         f"archive: {home.archive / PROTOCOL}",
-        f"tables: {home.parquet} (instances)",
+        f"tables: {home.parquet} (instances, series, batches, qc_findings)",
+        f"QC reports (GX Data Docs): {home.reports / 'qc'}/<batch>/index.html",
         "",
-        "arm comparison (DuckDB over the instances table):",
+        "arm comparison (trialpipe query over the instances table):",
     ]
-    comparison = duckdb.sql(
-        f"""
+    comparison = run(
+        home,
+        """
         SELECT arm, visit, count(DISTINCT subject_id) AS subjects,
                count(DISTINCT series_uid) AS series, count(*) AS images,
                round(avg(slice_thickness_mm) FILTER (modality = 'CT'), 2) AS ct_slice_mm,
                round(avg(kvp) FILTER (modality = 'CT'), 1) AS ct_kvp,
                round(avg(magnetic_field_strength_t) FILTER (modality = 'MR'), 2) AS mr_tesla
-        FROM read_parquet('{instances}', hive_partitioning = true)
-        GROUP BY arm, visit ORDER BY arm, visit
-        """
+        FROM instances GROUP BY arm, visit ORDER BY arm, visit
+        """,
     )
-    lines.append(str(comparison))
+    lines.append(format_table(comparison))
     lines.append("status: trialpipe status   |   UI: trialpipe ui  (then http://127.0.0.1:8080/)")
     return "\n".join(lines)

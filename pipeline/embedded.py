@@ -24,6 +24,7 @@ from pathlib import Path
 from pipeline.home import DataHome, dags_dir
 
 DAG_ID = "trialpipe_ingest"
+COMPACT_DAG_ID = "trialpipe_compact"
 SIMPLE_AUTH_MANAGER = (
     "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 )
@@ -79,6 +80,8 @@ def airflow_env(home: DataHome, port: int) -> dict[str, str]:
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
+        # Airflow runs here only while a command does: compaction runs by `trialpipe compact`.
+        "TRIALPIPE_COMPACT_SCHEDULE": "",
     }
 
 
@@ -202,9 +205,27 @@ def run_ready_batches(home: DataHome, timeout: float = 3600) -> dict[str, str]:
     """
     from pipeline.intake import ready_batches
 
-    batches = ready_batches(home)
+    batches = [batch.batch_id for batch in ready_batches(home)]
     if not batches:
         return {}
+    wanted = [(DAG_ID, run_id_for(b), {"batch_id": b}) for b in batches]
+    states = run_dags(home, wanted, timeout)
+    return {
+        batch_id: states[run_id] for (_, run_id, _), batch_id in zip(wanted, batches, strict=True)
+    }
+
+
+def run_compaction(home: DataHome, timeout: float = 3600) -> str:
+    """Run the table compaction DAG once; return the DAG run's final state."""
+    run_id = f"compact__{time.strftime('%Y%m%dT%H%M%S')}"
+    return run_dags(home, [(COMPACT_DAG_ID, run_id, {})], timeout)[run_id]
+
+
+def run_dags(
+    home: DataHome, wanted: list[tuple[str, str, dict[str, str]]], timeout: float
+) -> dict[str, str]:
+    """Start Airflow, trigger each ``(dag_id, run_id, conf)``, wait until every run is
+    terminal, stop Airflow; return ``{run_id: state}``."""
     port = _free_port()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = _configure(home, port)
@@ -228,14 +249,16 @@ def run_ready_batches(home: DataHome, timeout: float = 3600) -> dict[str, str]:
         stack.start("scheduler", ["scheduler", "--skip-serve-logs"])
         _serialize_dags()
         deadline = time.monotonic() + 180
-        _wait_for(_dag_ready, stack, deadline, "the ingest DAG to be parsed")
+        dag_ids = sorted({dag_id for dag_id, _, _ in wanted})
+        _wait_for(lambda: _dags_ready(dag_ids), stack, deadline, "the DAGs to be parsed")
         _wait_for(lambda: _healthy(port), stack, deadline, "the Execution API")
-        runs = {_trigger(batch.batch_id): batch.batch_id for batch in batches}
+        for dag_id, run_id, conf in wanted:
+            _trigger(dag_id, run_id, conf)
         states: dict[str, str] = {}
 
         def all_terminal() -> bool:
-            states.update(_run_states(list(runs)))
-            return len(states) == len(runs) and all(
+            states.update(_run_states([run_id for _, run_id, _ in wanted]))
+            return len(states) == len(wanted) and all(
                 s in ("success", "failed") for s in states.values()
             )
 
@@ -243,20 +266,21 @@ def run_ready_batches(home: DataHome, timeout: float = 3600) -> dict[str, str]:
     finally:
         stack.stop()
         signal.signal(signal.SIGTERM, previous)
-    return {runs[run_id]: state for run_id, state in states.items()}
+    return states
 
 
-def _dag_ready() -> bool:
+def _dags_ready(dag_ids: list[str]) -> bool:
     from airflow.models.dag import DagModel
     from airflow.models.serialized_dag import SerializedDagModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        if not SerializedDagModel.has_dag(DAG_ID, session=session):
-            return False
-        model = DagModel.get_dagmodel(DAG_ID, session=session)
-        if model is not None and model.is_paused:
-            model.is_paused = False
+        for dag_id in dag_ids:
+            if not SerializedDagModel.has_dag(dag_id, session=session):
+                return False
+            model = DagModel.get_dagmodel(dag_id, session=session)
+            if model is not None and model.is_paused:
+                model.is_paused = False
     return True
 
 
@@ -273,15 +297,11 @@ def run_id_for(batch_id: str) -> str:
     return f"batch__{batch_id}__{time.strftime('%Y%m%dT%H%M%S')}"
 
 
-def _trigger(batch_id: str) -> str:
+def _trigger(dag_id: str, run_id: str, conf: dict[str, str]) -> None:
     from airflow.api.common.trigger_dag import trigger_dag
     from airflow.utils.types import DagRunTriggeredByType
 
-    run_id = run_id_for(batch_id)
-    trigger_dag(
-        DAG_ID, run_id=run_id, conf={"batch_id": batch_id}, triggered_by=DagRunTriggeredByType.CLI
-    )
-    return run_id
+    trigger_dag(dag_id, run_id=run_id, conf=conf, triggered_by=DagRunTriggeredByType.CLI)
 
 
 def _run_states(run_ids: list[str]) -> dict[str, str]:
@@ -289,11 +309,7 @@ def _run_states(run_ids: list[str]) -> dict[str, str]:
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        rows = (
-            session.query(DagRun.run_id, DagRun.state)
-            .filter(DagRun.dag_id == DAG_ID, DagRun.run_id.in_(run_ids))
-            .all()
-        )
+        rows = session.query(DagRun.run_id, DagRun.state).filter(DagRun.run_id.in_(run_ids)).all()
     return {run_id: str(getattr(state, "value", state)) for run_id, state in rows}
 
 

@@ -128,3 +128,14 @@ def _read_rows(protocol: Protocol, csv_path: Path) -> list[tuple[int, Enrollee]]
             (line_no, Enrollee(values["subject_id"], values["site_id"], values["arm"], randomized))
         )
     return rows
+
+
+def enrolled(home: DataHome, protocol_id: str) -> list[Enrollee]:
+    """Every subject on the protocol's randomization list, by subject ID."""
+    with store(home).connect() as conn:
+        rows = conn.execute(
+            select(enrollment)
+            .where(enrollment.c.protocol_id == protocol_id)
+            .order_by(enrollment.c.subject_id)
+        ).all()
+    return [Enrollee(r.subject_id, r.site_id, r.arm, r.randomization_date) for r in rows]

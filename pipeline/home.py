@@ -7,7 +7,9 @@ Layout under ``$TRIALPIPE_HOME`` (default ``~/trialpipe-home``)::
     quarantine/<batch>/                  refused originals + quarantine.json          (PHI)
     restricted/                          secrets, crosswalk, enrollment, originals    (PHI)
     archive/<protocol>/<arm>/<subject>/<visit>/<study>/<series>/<instance>.dcm
-    parquet/<table>/protocol=<p>/site=<s>/<batch>.parquet
+    parquet/<table>/protocol=<p>/site=<s>/<batch>.parquet   (and compacted-*.parquet)
+    reports/qc/<batch>/index.html        GX Data Docs: the batch's required-tag validation
+    reports/arms/<protocol>/             arm comparison report (HTML + CSV)
     batches/<batch>.json                 batch record: state and every file's disposition
     ledger.sqlite                        audit ledger (no PHI)
     airflow/                             embedded Airflow home: metadata DB, logs
@@ -65,6 +67,14 @@ class DataHome:
     @property
     def parquet(self) -> Path:
         return self.root / "parquet"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def qc_report(self, batch_id: str) -> Path:
+        """Folder of the batch's GX Data Docs site (``index.html`` inside)."""
+        return self.reports / "qc" / batch_id
 
     @property
     def airflow(self) -> Path:

@@ -79,10 +79,12 @@ def check_upload(
     return protocol
 
 
-def new_batch_id(site_id: str, subject_id: str, visit: str) -> str:
-    """A readable, unique batch ID: site, subject, visit, UTC time, random suffix."""
+def new_batch_id() -> str:
+    """A unique batch ID: UTC time and a random suffix. It carries nothing typed at the
+    site (a subject field holding a medical record number must not become an ID that
+    lands in DAG run IDs, logs and tables)."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    return f"{site_id}_{subject_id}_{visit}_{stamp}_{secrets.token_hex(3)}"
+    return f"{stamp}-{secrets.token_hex(4)}"
 
 
 def stage_batch(
@@ -107,7 +109,7 @@ def stage_batch(
     if not sources:
         raise UploadRefused("nothing to upload: no files found in the given paths")
     home.ensure()
-    batch_id = new_batch_id(site_id, subject_id, visit)
+    batch_id = new_batch_id()
     folder = home.batch_upload_dir(protocol_id, site_id, batch_id)
     entries = []
     used: set[str] = set()

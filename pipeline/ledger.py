@@ -252,10 +252,30 @@ def batch_rows(home: DataHome) -> list[dict[str, Any]]:
 
 
 def batch_row(home: DataHome, batch_id: str) -> dict[str, Any] | None:
-    """The ledger's row for one batch."""
+    """The ledger's row for one batch (times as UTC-aware datetimes)."""
     with _engine(home).connect() as conn:
         row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).first()
-    return dict(row._mapping) if row else None
+    if row is None:
+        return None
+    return {k: utc(v) if isinstance(v, dt.datetime) else v for k, v in row._mapping.items()}
+
+
+def state_times(home: DataHome, batch_id: str) -> dict[str, dt.datetime]:
+    """When the batch first entered each state, as UTC-aware datetimes."""
+    query = (
+        select(batch_events.c.state, func.min(batch_events.c.at))
+        .where(batch_events.c.batch_id == batch_id)
+        .group_by(batch_events.c.state)
+    )
+    with _engine(home).connect() as conn:
+        return {state: utc(at) for state, at in conn.execute(query).all()}
+
+
+def utc(value: dt.datetime) -> dt.datetime:
+    """``value`` as an aware UTC datetime (SQLite hands back naive UTC values)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
 
 
 def file_rows(home: DataHome, batch_id: str | None = None) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -114,6 +115,7 @@ class PlannedBatch:
     folder: Path
     expect: str = "done"  # or the batch-level reason code expected
     bad_files: dict[str, str] = field(default_factory=dict)  # file name -> expected reason
+    flagged_files: dict[str, str] = field(default_factory=dict)  # file name -> attribute
 
 
 @dataclass
@@ -424,6 +426,19 @@ def _add_bad_cases(
     (first.folder / "CT" / "CT2_truncated.dcm").write_bytes(data[: len(data) // 2])
     (first.folder / "scan_report.txt").write_text("Radiology report: see PACS.\n")
     first.bad_files = {"CT2_truncated.dcm": "truncated", "scan_report.txt": "not_dicom"}
+    # Protocol QC in the second batch: a slice too thick (quarantined) and a slice without
+    # its reconstruction kernel (a flag-only rule: archived, with a finding).
+    if len(batches) > 1:
+        second = batches[1]
+        thick, no_kernel = sorted((second.folder / "CT").glob("*.dcm"))[:2]
+        ds = dcmread(thick)
+        ds.SliceThickness = "7.0"
+        ds.save_as(thick)
+        ds = dcmread(no_kernel)
+        del ds.ConvolutionKernel
+        ds.save_as(no_kernel)
+        second.bad_files = {thick.name: "value_out_of_range"}
+        second.flagged_files = {no_kernel.name: "ConvolutionKernel"}
     # Another patient's image slipped into a later batch: the whole batch is refused.
     mixed = batches[min(3, len(batches) - 1)]
     intruder = make_patient(rng, mixed.site_id)

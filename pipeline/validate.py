@@ -4,12 +4,20 @@ The protocol's ``required_tags`` are compiled into expectations (not-null, range
 set) and run on the de-identified metadata of a batch. A failure becomes a finding with a
 reason code; the protocol's ``on_failure`` says whether it quarantines the file or only
 flags it. Great Expectations is imported here, inside the task, never at DAG parse time.
+
+Each batch's validation results are rendered as GX Data Docs (HTML) under
+``reports/qc/<batch>/``; the batch record and the batches table link to its index page.
+GX's static assets (fonts, styles: about 4 MB) are kept once in ``reports/qc/_static``
+and each batch's ``static`` is a link to it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.protocol import Protocol, TagRule
@@ -26,10 +34,18 @@ class Finding:
     keyword: str
     reason: Reason
     quarantine: bool
+    modality: str = ""
+    expectation: str = ""
+    observed: str | None = None
 
     @property
     def detail(self) -> str:
+        """What failed, by attribute name and reason (never the value)."""
         return f"{self.keyword}: {self.reason.info.summary}"
+
+    @property
+    def action(self) -> str:
+        return "quarantine" if self.quarantine else "flag"
 
 
 def normalise(value: Any) -> str | None:
@@ -63,14 +79,46 @@ def required_keywords(protocol: Protocol) -> set[str]:
     return {rule.keyword for rules in protocol.required_tags.values() for rule in rules}
 
 
-def check_batch(protocol: Protocol, rows: list[dict[str, Any]]) -> list[Finding]:
+def check_batch(
+    protocol: Protocol,
+    rows: list[dict[str, Any]],
+    docs_dir: Path | None = None,
+    run_name: str = "batch",
+) -> list[Finding]:
     """Run the protocol's suites on metadata rows (``file_no``, ``Modality`` and the
-    required keywords, raw values); return the findings."""
+    required keywords, raw values); return the findings. With ``docs_dir``, also render
+    the results as GX Data Docs there (replacing an earlier rendering)."""
     import great_expectations as gx
     import pandas as pd
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
 
-    context = gx.get_context(mode="ephemeral")
+    building = docs_dir.with_name(f".{docs_dir.name}.{uuid.uuid4().hex[:8]}") if docs_dir else None
+    sites = {}
+    if building is not None:
+        sites["batch"] = {
+            "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(building),
+            },
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }
+    # In-memory stores and only our Data Docs site (the default config would also make a
+    # site in a fresh temporary folder per batch, left behind).
+    context = gx.get_context(
+        mode="ephemeral",
+        project_config=DataContextConfig(
+            store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+            data_docs_sites=sites,
+            analytics_enabled=False,
+        ),
+    )
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas("batch")
     findings: list[Finding] = []
@@ -100,15 +148,50 @@ def check_batch(protocol: Protocol, rows: list[dict[str, Any]]) -> list[Finding]
                 name=f"{protocol.protocol_id}.{modality}", data=definition, suite=suite
             )
         )
-        result = validation.run(
-            batch_parameters={"dataframe": frame},
-            result_format={
-                "result_format": "COMPLETE",
-                "unexpected_index_column_names": ["file_no"],
-            },
+        actions = []
+        if building is not None:
+            actions.append(gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["batch"]))
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"{run_name}.{modality}",
+                validation_definitions=[validation],
+                actions=actions,
+                result_format={
+                    "result_format": "COMPLETE",
+                    "unexpected_index_column_names": ["file_no"],
+                },
+            )
         )
-        findings.extend(_findings(result, meta))
+        outcome = checkpoint.run(
+            batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name)
+        )
+        for result in outcome.run_results.values():
+            findings.extend(_findings(result, meta, modality))
+    if building is not None and docs_dir is not None:
+        _publish_docs(building, docs_dir)
     return findings
+
+
+def _publish_docs(building: Path, docs_dir: Path) -> None:
+    """Share the static assets, then swap the finished site into place."""
+    shared = docs_dir.parent / "_static"
+    static = building / "static"
+    if static.is_dir():
+        if not shared.exists():
+            try:
+                os.replace(static, shared)
+            except OSError:
+                shutil.rmtree(static)  # another batch published the shared copy first
+        else:
+            shutil.rmtree(static)
+        os.symlink(os.path.relpath(shared, building), static)
+    if not building.exists():
+        building.mkdir(parents=True)
+    old = docs_dir.with_name(f".{docs_dir.name}.old-{uuid.uuid4().hex[:8]}")
+    if docs_dir.exists():
+        os.replace(docs_dir, old)
+    os.replace(building, docs_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _cell(rule: TagRule, value: Any) -> Any:
@@ -143,7 +226,7 @@ def _expectations(gx: Any, rule: TagRule) -> list[tuple[Any, Reason]]:
     return made
 
 
-def _findings(result: Any, meta: list[tuple[TagRule, Reason]]) -> list[Finding]:
+def _findings(result: Any, meta: list[tuple[TagRule, Reason]], modality: str) -> list[Finding]:
     found: list[Finding] = []
     by_key = {(rule.keyword, reason): rule for rule, reason in meta}
     for item in result.results:
@@ -161,6 +244,21 @@ def _findings(result: Any, meta: list[tuple[TagRule, Reason]]) -> list[Finding]:
             continue
         for unexpected in item.result.get("unexpected_index_list") or []:
             found.append(
-                Finding(int(unexpected["file_no"]), rule.keyword, reason, rule.on_failure != "flag")
+                Finding(
+                    int(unexpected["file_no"]),
+                    rule.keyword,
+                    reason,
+                    rule.on_failure != "flag",
+                    modality,
+                    kind,
+                    _observed(unexpected.get(column)),
+                )
             )
     return found
+
+
+def _observed(value: Any) -> str | None:
+    """The failing value as text (de-identified metadata); None for a missing value."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return str(value)

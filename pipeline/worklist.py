@@ -33,8 +33,13 @@ class FileEntry:
     study_uid: str | None = None
     series_uid: str | None = None
     archive_path: str | None = None
-    flags: list[str] = field(default_factory=list)
+    findings: list[dict[str, Any]] = field(default_factory=list)
     row: dict[str, Any] | None = None
+
+    @property
+    def flags(self) -> list[str]:
+        """Details of the findings that did not quarantine the file (archived, flagged)."""
+        return [f["detail"] for f in self.findings if f["action"] == "flag"]
 
     @property
     def in_play(self) -> bool:
@@ -56,6 +61,7 @@ class Worklist:
     arm: str | None = None
     batch_reason: str | None = None
     batch_detail: str | None = None
+    qc_report: str | None = None
     files: list[FileEntry] = field(default_factory=list)
 
     def refuse_batch(self, reason: Reason, detail: str | None = None) -> None:

@@ -1,6 +1,8 @@
 """The CLI as other tools drive it: exit codes, messages, JSON."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -47,7 +49,8 @@ def test_upload_prints_the_batch_id_and_status_lists_it(capsys, enrolled, trial)
         str(planned.folder),
     )
     batch_id = out.strip()
-    assert code == 0 and batch_id.startswith(f"{planned.site_id}_{planned.subject_id}_")
+    assert code == 0 and re.fullmatch(r"\d{8}T\d{6}-[0-9a-f]{8}", batch_id)
+    assert planned.subject_id not in batch_id  # nothing typed at the site becomes an ID
     code, out, _ = run(capsys, enrolled, "status", "--json")
     (row,) = json.loads(out)
     assert row == {
@@ -189,3 +192,36 @@ def test_the_crosswalk_exports_old_and_new_ids_for_a_reviewer(capsys, enrolled, 
     assert pairs[patient.patient_id] == planned.subject_id
     assert sum(new.startswith("2.25.") for new in pairs.values()) >= 6 + 2 + 2
     assert target.stat().st_mode & 0o077 == 0
+
+
+def _process_all(home, trial):
+    from pipeline import batch
+    from pipeline.demo import upload_trial
+
+    for batch_id in upload_trial(home, trial):
+        for step in batch.TASKS:
+            batch.run_task(step, batch_id, home)
+
+
+def test_query_prints_a_table_csv_or_json_and_refuses_bad_sql(capsys, enrolled, trial):
+    _process_all(enrolled, trial)
+    sql = "SELECT site, count(*) AS n FROM instances GROUP BY site ORDER BY site"
+    code, out, _ = run(capsys, enrolled, "query", sql)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["site", "n"] and lines[-1] == "(3 rows)"
+    code, out, _ = run(capsys, enrolled, "query", "--format", "csv", sql)
+    assert out.splitlines()[0] == "site,n" and out.splitlines()[1].startswith("SITE-01,")
+    code, out, _ = run(capsys, enrolled, "query", "--format", "json", sql)
+    assert [r["site"] for r in json.loads(out)] == ["SITE-01", "SITE-02", "SITE-03"]
+    code, _, err = run(capsys, enrolled, "query", "SELECT nope FROM instances")
+    assert code == 2 and "query failed" in err and "nope" in err and "Traceback" not in err
+
+
+def test_report_arms_writes_the_html_and_csv_files(capsys, enrolled, trial):
+    _process_all(enrolled, trial)
+    code, out, _ = run(capsys, enrolled, "report", "arms", "--blinded", "--as-of", "2026-11-25")
+    assert code == 0
+    paths = [line.split(": ", 1)[1] for line in out.splitlines()]
+    assert paths[0].endswith("reports/arms/DEMO-01/arms-blinded.html")
+    assert all(Path(p).is_file() for p in paths) and len(paths) == 4

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from pipeline.home import dags_dir
 
 FLOW = ["claim", "deidentify", "verify", "validate", "write_tables", "route", "finalize"]
@@ -21,7 +23,7 @@ def _dagbag(tmp_path, monkeypatch):
 def test_the_dag_folder_imports_without_errors(tmp_path, monkeypatch):
     bag = _dagbag(tmp_path, monkeypatch)
     assert bag.import_errors == {}
-    assert list(bag.dags) == ["trialpipe_ingest"]
+    assert sorted(bag.dags) == ["trialpipe_compact", "trialpipe_ingest"]
 
 
 def test_tasks_are_named_for_the_flow_and_run_in_order(tmp_path, monkeypatch):
@@ -33,16 +35,26 @@ def test_tasks_are_named_for_the_flow_and_run_in_order(tmp_path, monkeypatch):
     assert all(t.retries >= 1 for t in dag.tasks)
 
 
-def test_parsing_the_dag_file_does_not_import_the_pipeline(tmp_path):
+def test_compaction_runs_daily_in_a_deployment_and_on_demand_when_embedded(tmp_path, monkeypatch):
+    dag = _dagbag(tmp_path, monkeypatch).dags["trialpipe_compact"]
+    assert dag.schedule == "@daily" and dag.max_active_runs == 1
+    monkeypatch.setenv("TRIALPIPE_COMPACT_SCHEDULE", "")
+    dag = _dagbag(tmp_path, monkeypatch).dags["trialpipe_compact"]
+    assert dag.schedule is None
+
+
+@pytest.mark.parametrize("dag_file", ["trialpipe_ingest.py", "trialpipe_compact.py"])
+def test_parsing_a_dag_file_does_not_import_the_pipeline(tmp_path, dag_file):
     """Heavy imports (pydicom, deid, Great Expectations) belong inside the tasks."""
     code = (
         "import sys, runpy; runpy.run_path(sys.argv[1]);"
-        "heavy = [m for m in ('pipeline', 'pydicom', 'deid', 'great_expectations', 'pandas')"
+        "heavy = [m for m in ('pipeline', 'pydicom', 'deid', 'great_expectations', 'pandas',"
+        " 'pyarrow', 'duckdb')"
         " if m in sys.modules]; print(','.join(heavy))"
     )
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-c", code, str(dags_dir() / "trialpipe_ingest.py")],
+        [sys.executable, "-c", code, str(dags_dir() / dag_file)],
         capture_output=True,
         text=True,
         env={"AIRFLOW_HOME": str(tmp_path), "PATH": ""},

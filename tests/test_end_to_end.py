@@ -100,3 +100,46 @@ def test_the_boundary_folders_did_receive_the_phi(ran):
     """The leak scan above must be able to see PHI: quarantine holds refused originals."""
     home, trial, _, _ = ran
     assert phi_leaks(home.root, trial.phi_values(), boundary=("inbox", "restricted"))
+
+
+def test_the_tables_and_qc_reports_are_there_after_the_dag_runs(ran):
+    home, _, expected, _ = ran
+    batches = tables.read_table(home, "batches").to_pylist()
+    assert sorted(r["batch_id"] for r in batches) == sorted(expected)
+    for row in batches:
+        if row["state"] == "done":
+            assert (home.root / row["qc_report"]).is_file()
+    assert tables.read_table(home, "qc_findings").num_rows == 2  # thick slice, no kernel
+
+
+def test_the_compaction_dag_merges_files_without_changing_any_query_result(ran):
+    from pipeline import query
+
+    home = ran[0]
+    statements = {
+        name: f"SELECT * FROM {name} ORDER BY ALL"
+        for name in ("instances", "series", "batches", "qc_findings")
+    }
+    before = {name: query.run(home, sql).rows for name, sql in statements.items()}
+    files_before = len(tables.table_files(home, "instances"))
+    result = subprocess.run(
+        [TRIALPIPE, "compact", "--timeout", "600"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRIALPIPE_HOME": str(home.root)},
+        timeout=900,
+    )
+    assert result.returncode == 0 and "compaction DAG run: success" in result.stdout, result.stderr[
+        -3000:
+    ]
+    after = {name: query.run(home, sql).rows for name, sql in statements.items()}
+    assert after == before
+    files = tables.table_files(home, "instances")
+    assert len(files) < files_before
+    partitions = [f.parent for f in files]
+    assert len(partitions) == len(set(partitions))  # one file left per partition
+    with sqlite3.connect(home.airflow / "airflow.db") as db:
+        (state,) = db.execute(
+            "SELECT state FROM dag_run WHERE dag_id = 'trialpipe_compact'"
+        ).fetchone()
+    assert state == "success"

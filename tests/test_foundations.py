@@ -51,10 +51,14 @@ def test_a_worklist_round_trips_through_its_file(tmp_path):
         "S-1",
         "BASELINE",
         arm="A",
-        files=[FileEntry(0, "CT/a.dcm", "ab", 3, flags=["KVP: flagged"])],
+        files=[
+            FileEntry(
+                0, "CT/a.dcm", "ab", 3, findings=[{"action": "flag", "detail": "KVP: flagged"}]
+            )
+        ],
     )
     loaded = Worklist.load(worklist.save(tmp_path / "state.json"))
-    assert loaded == worklist
+    assert loaded == worklist and loaded.files[0].flags == ["KVP: flagged"]
     assert [e.file_no for e in loaded.in_play()] == [0]
     loaded.refuse_batch(Reason.MIXED_PATIENTS)
     assert loaded.in_play() == []

@@ -1,10 +1,16 @@
-import datetime as dt
+"""The Parquet tables: pinned schemas, replace-on-rerun, compaction that changes no result."""
 
-import duckdb
+import datetime as dt
+import re
+
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from pipeline import tables
+from pipeline import compaction, query, rows, tables
+from pipeline.home import REPO_ROOT
+
+DICTIONARY = REPO_ROOT / "docs" / "data-dictionary.md"
 
 
 def _row(n, **extra):
@@ -18,6 +24,7 @@ def _row(n, **extra):
         "sop_instance_uid": f"2.25.3{n}",
         "study_date": "2000-01-05",
         "study_day": 4,
+        "image_position_mm": [0.0, 0.0, float(n)],
         "file_size_bytes": 10,
         "sha256": "ab",
         "archive_path": f"x/{n}.dcm",
@@ -25,6 +32,47 @@ def _row(n, **extra):
         "code_version": "c",
         **extra,
     }
+
+
+def _type_name(kind: pa.DataType) -> str:
+    names = {"double": "float64", "date32[day]": "date32", "timestamp[us, tz=UTC]": "timestamp"}
+    if pa.types.is_list(kind):
+        return f"list<{_type_name(kind.value_type)}>"
+    return names.get(str(kind), str(kind))
+
+
+def _documented(table: str) -> list[tuple[str, str]]:
+    """(column, type) in the order docs/data-dictionary.md lists them for ``table``."""
+    text = DICTIONARY.read_text()
+    section = re.search(rf"^## {table}\b.*?$(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert section, f"docs/data-dictionary.md has no section for {table}"
+    columns = []
+    for line in section.group(1).splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`"):
+            for name in re.findall(r"`([a-z0-9_]+)`", cells[0]):
+                columns.append((name, cells[1]))
+    return columns
+
+
+@pytest.mark.parametrize("table", sorted(tables.TABLES))
+def test_each_schema_is_exactly_the_documented_data_dictionary(table):
+    schema = tables.TABLES[table]
+    actual = [(f.name, _type_name(f.type)) for f in schema] + [
+        ("protocol", "string"),
+        ("site", "string"),
+    ]
+    assert _documented(table) == actual, (
+        f"the {table} schema changed: update docs/data-dictionary.md with it"
+    )
+
+
+def test_the_schema_pin_fails_when_a_column_changes(monkeypatch):
+    """The pin above is not vacuous: a renamed or retyped column breaks it."""
+    changed = tables.INSTANCES.set(0, pa.field("batch", pa.string()))
+    monkeypatch.setitem(tables.TABLES, "instances", changed)
+    with pytest.raises(AssertionError):
+        test_each_schema_is_exactly_the_documented_data_dictionary("instances")
 
 
 def test_instances_are_written_with_the_explicit_schema(home):
@@ -45,26 +93,124 @@ def test_rewriting_a_batch_replaces_its_rows(home):
     assert tables.read_table(home, "instances").num_rows == 0
 
 
-def test_duckdb_reads_both_sites_partitions_as_one_table(home):
+def test_a_duckdb_query_spans_both_sites_partitions(home):
     tables.write_batch(home, "instances", "DEMO-01", "SITE-01", "b1", [_row(1), _row(2)])
     tables.write_batch(
         home, "instances", "DEMO-01", "SITE-02", "b2", [_row(3, batch_id="b2", arm="B")]
     )
-    result = duckdb.sql(
-        f"SELECT site, arm, count(*) FROM read_parquet('{home.parquet}/instances/**/*.parquet',"
-        " hive_partitioning = true) GROUP BY ALL ORDER BY site"
-    ).fetchall()
-    assert result == [("SITE-01", "A", 2), ("SITE-02", "B", 1)]
+    result = query.run(home, "SELECT site, arm, count(*) FROM instances GROUP BY ALL ORDER BY site")
+    assert result.rows == [("SITE-01", "A", 2), ("SITE-02", "B", 1)]
 
 
-def test_instance_rows_compute_the_study_day_from_the_anchor():
+def test_a_table_without_files_is_an_empty_view_with_every_column(home):
+    result = query.run(home, "SELECT * FROM qc_findings")
+    assert result.rows == []
+    assert result.columns == [*tables.QC_FINDINGS.names, "protocol", "site"]
+
+
+def test_bad_sql_is_a_query_error_not_a_traceback(home):
+    with pytest.raises(query.QueryError, match="nothing"):
+        query.run(home, "SELECT * FROM nothing")
+
+
+def _three_batches(home):
+    for n, site in ((1, "SITE-01"), (2, "SITE-01"), (3, "SITE-02"), (4, "SITE-01")):
+        tables.write_batch(
+            home,
+            "instances",
+            "DEMO-01",
+            site,
+            f"b{n}",
+            [_row(n * 10 + i, batch_id=f"b{n}") for i in range(3)],
+        )
+
+
+def _everything(home):
+    return query.run(home, "SELECT * FROM instances ORDER BY sop_instance_uid").rows
+
+
+def test_compaction_merges_small_files_without_changing_any_query_result(home):
+    _three_batches(home)
+    before = _everything(home)
+    done = compaction.compact_all(home)
+    assert [(c.partition, c.files_merged) for c in done] == [("protocol=DEMO-01/site=SITE-01", 3)]
+    files = tables.table_files(home, "instances")
+    assert [f.name for f in files if "SITE-01" in str(f)] == [
+        next(f.name for f in files if f.name.startswith("compacted-"))
+    ]
+    assert _everything(home) == before
+    assert tables.read_table(home, "instances").num_rows == len(before) == 12
+    assert compaction.compact_all(home) == []  # nothing left to merge
+
+
+def test_rewriting_a_compacted_batch_replaces_its_rows_there(home):
+    _three_batches(home)
+    compaction.compact_all(home)
+    tables.write_batch(home, "instances", "DEMO-01", "SITE-01", "b2", [_row(99, batch_id="b2")])
+    counts = query.run(home, "SELECT batch_id, count(*) FROM instances GROUP BY 1 ORDER BY 1")
+    assert counts.rows == [("b1", 3), ("b2", 1), ("b3", 3), ("b4", 3)]
+    (compacted,) = [f for f in tables.table_files(home, "instances") if "compacted" in f.name]
+    assert tables.compacted_batches(compacted) == ["b1", "b4"]
+
+
+def test_an_interrupted_compaction_is_healed_before_anyone_writes_again(home):
+    _three_batches(home)
+    small = home.table_file("instances", "DEMO-01", "SITE-01", "b1")
+    saved = small.read_bytes()
+    before = _everything(home)
+    compaction.compact_all(home)
+    small.write_bytes(saved)  # as if the compaction died before deleting its inputs
+    assert compaction.compact_all(home) == []
+    assert not small.exists()
+    assert _everything(home) == before
+
+
+def test_instance_rows_take_typed_values_from_the_deidentified_header():
     from pydicom.dataset import Dataset
 
     ds = Dataset()
     ds.StudyDate = "20000315"
     ds.PixelSpacing = ["0.5", "0.7"]
     ds.KVP = "120"
-    row = tables.instance_row(ds, dt.date(2000, 1, 1))
+    ds.ImagePositionPatient = ["1", "2", "-30.5"]
+    ds.ConvolutionKernel = ["B30f", "3"]
+    row = rows.instance_row(ds, dt.date(2000, 1, 1))
     assert row["study_day"] == 74
     assert (row["pixel_spacing_row_mm"], row["pixel_spacing_col_mm"]) == (0.5, 0.7)
     assert row["kvp"] == 120.0 and row["echo_time_ms"] is None
+    assert row["image_position_mm"] == [1.0, 2.0, -30.5]
+    assert row["convolution_kernel"] == "B30f\\3"
+
+
+def test_series_rows_count_instances_and_take_the_shared_parameters():
+    members = [
+        _row(i, modality="CT", kvp=120.0 if i != 2 else 100.0, file_size_bytes=100)
+        for i in range(1, 4)
+    ]
+    (series,) = rows.series_rows(members)
+    assert series["instances"] == 3 and series["total_bytes"] == 300
+    assert series["kvp"] == 120.0
+    assert series["coverage_mm"] == 2.0
+
+
+def test_every_table_accepts_the_rows_the_pipeline_builds(home):
+    """to_arrow takes JSON-travelled rows (ISO dates, timestamps) for every table."""
+    table = tables.to_arrow(
+        "batches",
+        [
+            {
+                "batch_id": "b1",
+                "state": "done",
+                "files": 1,
+                "archived": 1,
+                "quarantined": 0,
+                "duplicates": 0,
+                "flagged": 0,
+                "bytes_uploaded": 5,
+                "bytes_archived": 6,
+                "claimed_at": "2026-01-02T03:04:05+00:00",
+                "code_version": "c",
+            }
+        ],
+    )
+    assert table.column("claimed_at")[0].as_py() == dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)

@@ -64,3 +64,30 @@ def test_a_flag_only_rule_records_a_finding_without_quarantine(protocol):
 def test_modalities_without_rules_pass(protocol):
     lenient = dataclasses.replace(protocol, required_tags={"CT": (TagRule("KVP"),)})
     assert check_batch(lenient, [{"file_no": 0, "Modality": "US"}]) == []
+
+
+def test_data_docs_render_the_failures_and_a_rerun_replaces_them(protocol, tmp_path):
+    rows = [
+        {
+            "file_no": 0,
+            "Modality": "CT",
+            "SliceThickness": "9",
+            "KVP": "120",
+            "ConvolutionKernel": "B",
+            "PixelSpacing": ["0.7", "0.7"],
+        },
+    ]
+    docs = tmp_path / "qc" / "batch-1"
+    (finding,) = check_batch(protocol, rows, docs, run_name="batch-1")
+    assert (finding.keyword, finding.observed, finding.action) == (
+        "SliceThickness",
+        "9.0",
+        "quarantine",
+    )
+    assert (docs / "index.html").is_file()
+    (page,) = docs.glob("validations/**/*.html")
+    assert "SliceThickness" in page.read_text() and "batch-1" in str(page)
+    assert (docs / "static").is_symlink() and (tmp_path / "qc" / "_static").is_dir()
+    check_batch(protocol, rows, docs, run_name="batch-1")
+    assert len(list(docs.glob("validations/**/*.html"))) == 1
+    assert sorted(p.name for p in (tmp_path / "qc").iterdir()) == ["_static", "batch-1"]

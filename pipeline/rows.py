@@ -1,0 +1,161 @@
+"""Rows of the Parquet tables, built from de-identified datasets and a batch's worklist.
+
+Only attributes read from the de-identified output reach a row; acquisition parameters are
+typed numbers (``None`` when absent or unreadable), never free text from the original.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+
+def _values(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return list(value)
+    return [value]
+
+
+def _float(value: Any, index: int = 0) -> float | None:
+    values = _values(value)
+    if len(values) <= index or values[index] in (None, ""):
+        return None
+    try:
+        number = float(values[index])
+    except (TypeError, ValueError):
+        return None
+    return number if number == number else None  # NaN is no value
+
+
+def _floats(value: Any) -> list[float] | None:
+    numbers = [_float(value, i) for i in range(len(_values(value)))]
+    return numbers if numbers and all(n is not None for n in numbers) else None  # type: ignore[return-value]
+
+
+def _int(value: Any) -> int | None:
+    number = _float(value)
+    return int(number) if number is not None else None
+
+
+def _date(value: Any) -> dt.date | None:
+    text = str(value or "").strip()
+    try:
+        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
+
+
+def _text(value: Any) -> str | None:
+    text = "\\".join(str(v).strip() for v in _values(value)).strip("\\ ")
+    return text or None
+
+
+def instance_row(ds: Dataset, anchor: dt.date) -> dict[str, Any]:
+    """The per-image columns of the instances table, from a de-identified dataset."""
+    study_date = _date(ds.get("StudyDate"))
+    meta = getattr(ds, "file_meta", None)
+    return {
+        "study_uid": str(ds.get("StudyInstanceUID", "")),
+        "series_uid": str(ds.get("SeriesInstanceUID", "")),
+        "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+        "sop_class_uid": _text(ds.get("SOPClassUID")),
+        "transfer_syntax_uid": _text(meta.get("TransferSyntaxUID")) if meta else None,
+        "modality": _text(ds.get("Modality")),
+        "body_part": _text(ds.get("BodyPartExamined")),
+        "study_date": study_date,
+        "series_date": _date(ds.get("SeriesDate")),
+        "study_day": (study_date - anchor).days if study_date else None,
+        "series_number": _int(ds.get("SeriesNumber")),
+        "instance_number": _int(ds.get("InstanceNumber")),
+        "manufacturer": _text(ds.get("Manufacturer")),
+        "model": _text(ds.get("ManufacturerModelName")),
+        "rows": _int(ds.get("Rows")),
+        "columns": _int(ds.get("Columns")),
+        "frames": _int(ds.get("NumberOfFrames")) or (1 if "PixelData" in ds else None),
+        "bits_allocated": _int(ds.get("BitsAllocated")),
+        "pixel_spacing_row_mm": _float(ds.get("PixelSpacing"), 0),
+        "pixel_spacing_col_mm": _float(ds.get("PixelSpacing"), 1),
+        "slice_thickness_mm": _float(ds.get("SliceThickness")),
+        "spacing_between_slices_mm": _float(ds.get("SpacingBetweenSlices")),
+        "kvp": _float(ds.get("KVP")),
+        "exposure_mas": _float(ds.get("Exposure")),
+        "tube_current_ma": _float(ds.get("XRayTubeCurrent")),
+        "convolution_kernel": _text(ds.get("ConvolutionKernel")),
+        "magnetic_field_strength_t": _float(ds.get("MagneticFieldStrength")),
+        "repetition_time_ms": _float(ds.get("RepetitionTime")),
+        "echo_time_ms": _float(ds.get("EchoTime")),
+        "flip_angle_deg": _float(ds.get("FlipAngle")),
+        "image_position_mm": _floats(ds.get("ImagePositionPatient")),
+        "image_orientation": _floats(ds.get("ImageOrientationPatient")),
+        "slice_location_mm": _float(ds.get("SliceLocation")),
+    }
+
+
+# Series columns that take the value most of the series' instances share.
+_SERIES_SHARED = (
+    "modality",
+    "sop_class_uid",
+    "body_part",
+    "series_number",
+    "study_date",
+    "study_day",
+    "manufacturer",
+    "model",
+    "rows",
+    "columns",
+    "pixel_spacing_row_mm",
+    "pixel_spacing_col_mm",
+    "slice_thickness_mm",
+    "spacing_between_slices_mm",
+    "kvp",
+    "exposure_mas",
+    "tube_current_ma",
+    "convolution_kernel",
+    "magnetic_field_strength_t",
+    "repetition_time_ms",
+    "echo_time_ms",
+    "flip_angle_deg",
+)
+_CARRIED = ("batch_id", "subject_id", "arm", "visit", "recipe_version", "code_version")
+
+
+def _most_common(values: list[Any]) -> Any:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    counts = Counter(present)
+    # Ties go to the smallest value so the result does not depend on file order.
+    best = max(counts.values())
+    return min(v for v, n in counts.items() if n == best)
+
+
+def series_rows(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per series of a batch's instance rows: counts, bytes, shared parameters
+    and the coverage along the slice axis (max - min slice position)."""
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in instances:
+        grouped.setdefault((row["study_uid"], row["series_uid"]), []).append(row)
+    result = []
+    for (study_uid, series_uid), members in sorted(grouped.items()):
+        positions = [
+            r["image_position_mm"][2]
+            for r in members
+            if r.get("image_position_mm") and len(r["image_position_mm"]) == 3
+        ]
+        result.append(
+            {
+                **{key: members[0].get(key) for key in _CARRIED},
+                "study_uid": study_uid,
+                "series_uid": series_uid,
+                **{key: _most_common([r.get(key) for r in members]) for key in _SERIES_SHARED},
+                "instances": len(members),
+                "total_bytes": sum(int(r.get("file_size_bytes") or 0) for r in members),
+                "coverage_mm": (max(positions) - min(positions)) if positions else None,
+            }
+        )
+    return result
