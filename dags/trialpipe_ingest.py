@@ -3,7 +3,8 @@
 claim -> deidentify -> verify -> validate -> write_tables -> route -> finalize
 
 Wiring only: every task calls the function of the same name in ``pipeline.batch`` with the
-batch ID and returns the path that function wrote. Imports of the pipeline happen inside the
+batch ID (and the DAG run ID, for the audit ledger) and returns the path that function
+wrote. Imports of the pipeline happen inside the
 tasks so the DAG file parses fast. Nothing but batch IDs and paths passes through XCom.
 """
 
@@ -20,8 +21,8 @@ STEPS = ("claim", "deidentify", "verify", "validate", "write_tables", "route", "
 def _run_step(step: str) -> str:
     from pipeline.batch import run_task
 
-    conf = get_current_context()["dag_run"].conf or {}
-    return run_task(step, str(conf["batch_id"]))
+    run = get_current_context()["dag_run"]
+    return run_task(step, str((run.conf or {})["batch_id"]), run_id=run.run_id)
 
 
 @dag(

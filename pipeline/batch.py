@@ -7,11 +7,15 @@ claim -> deidentify -> verify -> validate -> write_tables -> route -> finalize
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
 import logging
+import os
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline import __version__, atomic, intake, ledger, restricted, rows, tables
+from pipeline import __version__, atomic, faults, intake, ledger, restricted, rows, tables, zipped
 from pipeline.deidentify import (
     BurnedInAnnotationError,
     DeidentificationError,
@@ -20,8 +24,8 @@ from pipeline.deidentify import (
 )
 from pipeline.dicomio import read_dicom, write_dicom
 from pipeline.enrollment import lookup
-from pipeline.home import DataHome
-from pipeline.protocol import ProtocolError, load_protocol
+from pipeline.home import DataHome, safe_relative
+from pipeline.protocol import Limits, Protocol, ProtocolError, load_protocol
 from pipeline.pseudonyms import patient_fingerprint, trial_secret
 from pipeline.reasons import BatchState, Disposition, Reason
 from pipeline.recipe import compose
@@ -43,35 +47,106 @@ def _staged(home: DataHome, batch_id: str, file_no: int) -> Path:
     return home.claimed_batch(batch_id) / "staged" / f"{file_no:06d}.dcm"
 
 
-def _original(home: DataHome, batch_id: str, entry: FileEntry) -> Path:
-    return home.claimed_batch(batch_id) / intake.FILES / entry.path
+def original_path(home: DataHome, batch_id: str, entry: FileEntry) -> Path:
+    """Where a claimed original lies: renamed to its number, so no name chosen at the site
+    (which may carry identifiers) appears in a path, a log line or a traceback."""
+    return home.claimed_batch(batch_id) / NUMBERED / f"{entry.file_no:06d}"
 
 
-def claim(home: DataHome, batch_id: str) -> Path:
-    """Move the batch out of the upload area and check its manifest and subject."""
+NUMBERED = "numbered"
+UNKNOWN = "unknown"
+
+
+def claim(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
+    """Move the batch out of the upload area; check its manifest, its subject and each
+    file's size; expand zip files; number every file."""
     home.ensure()
     folder = intake.claim(home, batch_id)
     target = _state(home, batch_id, "claim")
     if target.exists():
         return target
-    protocol_id, site_id = _upload_origin(folder)
+    plan = _state(home, batch_id, "claim-plan")
+    # The plan is saved before any file moves, so a claim cut off half-way redoes the
+    # same moves (each idempotent) instead of listing a half-renamed folder again.
+    worklist = Worklist.load(plan) if plan.exists() else _plan(home, batch_id, folder)
+    if not plan.exists():
+        worklist.save(plan)
+    protocol = _known_protocol(worklist.protocol_id) if not worklist.batch_reason else None
+    limits = protocol.limits if protocol else Limits()
+    for entry in list(worklist.files):
+        if entry.archive_of is not None:
+            continue  # a zip member, numbered when its zip was expanded
+        relative = safe_relative(entry.path)
+        source = folder / intake.FILES / relative if relative else None
+        numbered = original_path(home, batch_id, entry)
+        if source is not None and (source.is_file() or numbered.exists()):
+            atomic.move_file(source, numbered)
+        elif not entry.reason:
+            entry.refuse(Reason.FILE_MISSING)
+        if entry.reason or not numbered.exists():
+            continue
+        if numbered.stat().st_size > limits.max_file_bytes:
+            entry.refuse(Reason.FILE_TOO_LARGE)
+        elif zipped.is_zip(numbered):
+            _expand(home, worklist, entry, limits)
+    if not worklist.batch_reason:
+        enrolled = lookup(home, worklist.protocol_id, worklist.subject_id)
+        if enrolled is None or enrolled.site_id != worklist.site_id:
+            worklist.refuse_batch(Reason.UNENROLLED_SUBJECT, "subject not enrolled at this site")
+        else:
+            worklist.arm = enrolled.arm
+    confirmed = worklist.arm is not None
+    ledger.set_state(
+        home,
+        batch_id,
+        BatchState.PROCESSING,
+        "claimed",
+        subject_id=worklist.subject_id if confirmed else None,
+        visit=worklist.visit if confirmed else None,
+        recipe_version=protocol.recipe_version if protocol else None,
+        code_version=__version__,
+        dag_run_id=run_id,
+    )
+    log.info("claimed batch %s: %d files", batch_id, len(worklist.files))
+    return worklist.save(target)
+
+
+def _plan(home: DataHome, batch_id: str, folder: Path) -> Worklist:
+    """The batch's worklist from its manifest and what is on disk; registers the batch."""
+    origin_protocol, origin_site = _upload_origin(folder)
     manifest = intake.read_manifest(folder) or {}
+    problem = _manifest_problem(manifest, origin_protocol, origin_site)
+    protocol_id = str(manifest.get("protocol_id") or origin_protocol)
+    site_id = str(manifest.get("site_id") or origin_site)
+    trusted = problem is None
+    ledger.register_batch(
+        home,
+        batch_id,
+        protocol_id if trusted else UNKNOWN,
+        site_id if trusted else UNKNOWN,
+        files=len(manifest["files"]) if isinstance(manifest.get("files"), list) else 0,
+        uploader=str(manifest.get("uploader") or "")[:128] or None,
+        uploaded_at=_time_or_none(manifest.get("uploaded_at")),
+        released_from=manifest.get("released_from") if trusted else None,
+    )
     worklist = Worklist(
         batch_id=batch_id,
-        protocol_id=str(manifest.get("protocol_id") or protocol_id),
-        site_id=str(manifest.get("site_id") or site_id),
+        protocol_id=protocol_id,
+        site_id=site_id,
         subject_id=str(manifest.get("subject_id", "")),
         visit=str(manifest.get("visit", "")),
     )
-    ledger.register_batch(
-        home,
-        {**manifest, "protocol_id": worklist.protocol_id, "site_id": worklist.site_id},
-        batch_id,
-    )
     listed = manifest.get("files") if isinstance(manifest.get("files"), list) else []
-    for number, item in enumerate(listed):
+    for item in listed:
+        item = item if isinstance(item, dict) else {}
         worklist.files.append(
-            FileEntry(number, str(item.get("path", "")), item.get("sha256"), item.get("size"))
+            FileEntry(
+                len(worklist.files),
+                str(item.get("path", "")),
+                item.get("sha256"),
+                item.get("size"),
+                released_from=item.get("released_from"),
+            )
         )
     known = {entry.path for entry in worklist.files}
     for path in sorted((folder / intake.FILES).rglob("*")):
@@ -80,25 +155,51 @@ def claim(home: DataHome, batch_id: str) -> Path:
             extra = FileEntry(len(worklist.files), relative, None, path.stat().st_size)
             extra.refuse(Reason.CHECKSUM_MISMATCH, "file not listed in the manifest")
             worklist.files.append(extra)
-    problem = _manifest_problem(manifest, protocol_id, site_id)
     if problem:
         worklist.refuse_batch(Reason.MANIFEST_INVALID, problem)
-    else:
-        enrolled = lookup(home, worklist.protocol_id, worklist.subject_id)
-        if enrolled is None or enrolled.site_id != worklist.site_id:
-            worklist.refuse_batch(Reason.UNENROLLED_SUBJECT, "subject not enrolled at this site")
-        else:
-            worklist.arm = enrolled.arm
-    ledger.set_state(
-        home,
-        batch_id,
-        BatchState.PROCESSING,
-        "claimed",
-        recipe_version=_recipe_version(worklist.protocol_id),
-        code_version=__version__,
-    )
-    log.info("claimed batch %s: %d files", batch_id, len(worklist.files))
-    return worklist.save(target)
+    return worklist
+
+
+def _expand(home: DataHome, worklist: Worklist, entry: FileEntry, limits: Limits) -> None:
+    """Replace a zip by its members as files of the batch (or refuse it unopened)."""
+    source = original_path(home, worklist.batch_id, entry)
+    if entry.sha256 and intake.sha256_file(source) != entry.sha256:
+        entry.refuse(Reason.CHECKSUM_MISMATCH)
+        return
+    scratch = source.with_name(f"{source.name}.members")
+    try:
+        members = zipped.expand(source, scratch, limits)
+    except (zipped.UnsafeArchive, zipfile.BadZipFile, NotImplementedError, OSError) as error:
+        intake.remove_tree(scratch)
+        detail = str(error) if isinstance(error, zipped.UnsafeArchive) else "unreadable zip"
+        entry.refuse(Reason.UNSAFE_ARCHIVE, detail)
+        return
+    entry.expanded = True
+    for member in members:
+        child = FileEntry(
+            len(worklist.files),
+            f"{entry.path}.unzipped/{member.name}",
+            intake.sha256_file(member.path),
+            member.path.stat().st_size,
+            archive_of=entry.file_no,
+        )
+        os.replace(member.path, original_path(home, worklist.batch_id, child))
+        worklist.files.append(child)
+    intake.remove_tree(scratch)
+
+
+def _time_or_none(value: object) -> str | None:
+    try:
+        return dt.datetime.fromisoformat(str(value)).isoformat() if value else None
+    except ValueError:
+        return None
+
+
+def _known_protocol(protocol_id: str) -> Protocol | None:
+    try:
+        return load_protocol(protocol_id)
+    except ProtocolError:
+        return None
 
 
 def _upload_origin(folder: Path) -> tuple[str, str]:
@@ -122,19 +223,21 @@ def _manifest_problem(manifest: dict, protocol_id: str, site_id: str) -> str | N
         return "manifest names an unknown site"
     if manifest.get("visit") not in protocol.visit_ids:
         return "manifest names an unknown visit"
-    if not isinstance(manifest.get("files"), list) or not manifest["files"]:
+    files = manifest.get("files")
+    if not isinstance(files, list) or not files:
         return "manifest lists no files"
+    for item in files:
+        if not isinstance(item, dict) or safe_relative(str(item.get("path", ""))) is None:
+            return "manifest names a file outside the batch"
     return None
 
 
 def _recipe_version(protocol_id: str) -> str | None:
-    try:
-        return load_protocol(protocol_id).recipe_version
-    except ProtocolError:
-        return None
+    protocol = _known_protocol(protocol_id)
+    return protocol.recipe_version if protocol else None
 
 
-def deidentify(home: DataHome, batch_id: str) -> Path:
+def deidentify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
     """De-identify every readable file into ``staged/``; check the batch is one patient,
     the same patient as the subject's earlier batches."""
     worklist = _load(home, batch_id, "claim")
@@ -148,7 +251,7 @@ def deidentify(home: DataHome, batch_id: str) -> Path:
     fingerprints: set[str] = set()
     crosswalk: dict[tuple[str, str], str] = {}
     for entry in worklist.in_play():
-        source = _original(home, batch_id, entry)
+        source = original_path(home, batch_id, entry)
         if not source.exists():
             entry.refuse(Reason.FILE_MISSING)
             continue
@@ -192,6 +295,7 @@ def deidentify(home: DataHome, batch_id: str) -> Path:
             outcome.series_uid,
         )
         crosswalk.update(outcome.crosswalk)
+        faults.checkpoint("deidentify")
     if not fingerprints:
         worklist.refuse_batch(Reason.NO_DICOM_IN_BATCH)
     elif len(fingerprints) > 1:
@@ -206,13 +310,13 @@ def deidentify(home: DataHome, batch_id: str) -> Path:
     return worklist.save(_state(home, batch_id, "deidentify"))
 
 
-def verify(home: DataHome, batch_id: str) -> Path:
+def verify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
     """Quarantine any staged file that still holds an identifying value of its original."""
     worklist = _load(home, batch_id, "deidentify")
     if worklist.in_play():
         kept = compose(load_protocol(worklist.protocol_id).recipe_files).kept
         for entry in worklist.in_play():
-            original = read_dicom(_original(home, batch_id, entry), stop_before_pixels=True)
+            original = read_dicom(original_path(home, batch_id, entry), stop_before_pixels=True)
             output = read_dicom(home.claimed_batch(batch_id) / str(entry.staged))
             if original.dataset is None or output.dataset is None:
                 entry.refuse(Reason.DEID_FAILED, "de-identified file could not be re-read")
@@ -224,7 +328,7 @@ def verify(home: DataHome, batch_id: str) -> Path:
     return worklist.save(_state(home, batch_id, "verify"))
 
 
-def validate(home: DataHome, batch_id: str) -> Path:
+def validate(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
     """Check the protocol's required tags (Great Expectations, with Data Docs per batch),
     take each file's table row from its de-identified header, and spot duplicates."""
     from pipeline import validate as rules
@@ -303,7 +407,7 @@ def _archive_relative(worklist: Worklist, entry: FileEntry) -> str:
     )
 
 
-def write_tables(home: DataHome, batch_id: str) -> Path:
+def write_tables(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
     """Write the batch's rows of the instances, series and qc_findings tables, replacing
     any earlier run's rows."""
     worklist = _load(home, batch_id, "validate")
@@ -356,7 +460,7 @@ def write_tables(home: DataHome, batch_id: str) -> Path:
     return worklist.save(_state(home, batch_id, "tables"))
 
 
-def route(home: DataHome, batch_id: str) -> Path:
+def route(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
     """Copy each verified, validated file into its arm archive (atomic, idempotent)."""
     worklist = _load(home, batch_id, "tables")
     for entry in worklist.in_play():
@@ -371,68 +475,52 @@ def route(home: DataHome, batch_id: str) -> Path:
             str(entry.sha256_out),
             str(entry.archive_path),
         )
+        faults.checkpoint("route")
     log.info("routed batch %s: %d files archived", batch_id, len(worklist.in_play()))
     return worklist.save(_state(home, batch_id, "route"))
 
 
-def finalize(home: DataHome, batch_id: str) -> Path:
+def finalize(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
     """Quarantine refused originals with reasons, keep the rest in the restricted store,
-    record every file's disposition in the ledger and close the batch."""
+    append every file's disposition to the ledger and close the batch."""
     from pipeline import quarantine
 
     folder = home.claimed_batch(batch_id)
     if not folder.exists():
-        return home.quarantined_batch(batch_id)  # finalized by an earlier attempt
+        return home.batch_record(batch_id)  # finalized by an earlier attempt
     worklist = _load(home, batch_id, "route")
-    records = []
-    refused = []
-    for entry in worklist.files:
-        if worklist.batch_reason or entry.reason:
-            reason = worklist.batch_reason or entry.reason
-            detail = worklist.batch_detail if worklist.batch_reason else entry.detail
-            refused.append((entry, str(reason), detail))
-            records.append(
-                ledger.FileRecord(
-                    entry.file_no, entry.sha256, entry.size, Disposition.QUARANTINED, reason, detail
-                )
-            )
-        elif entry.duplicate:
-            records.append(
-                ledger.FileRecord(
-                    entry.file_no,
-                    entry.sha256,
-                    entry.size,
-                    Disposition.DUPLICATE,
-                    None,
-                    None,
-                    entry.sha256_out,
-                )
-            )
-        else:
-            records.append(
-                ledger.FileRecord(
-                    entry.file_no,
-                    entry.sha256,
-                    entry.size,
-                    Disposition.ARCHIVED,
-                    None,
-                    "; ".join(entry.flags) or None,
-                    entry.sha256_out,
-                    entry.archive_path,
-                )
-            )
+    records = [_record(worklist, entry) for entry in worklist.files if not entry.expanded]
+    refused = [
+        (entry, original_path(home, batch_id, entry), str(record.reason), record.detail)
+        for entry, record in zip(
+            [e for e in worklist.files if not e.expanded], records, strict=True
+        )
+        if record.disposition == Disposition.QUARANTINED
+    ]
     if refused:
         quarantine.put(home, worklist, refused)
-    kept = [entry for entry in worklist.files if not (worklist.batch_reason or entry.reason)]
+    kept = [
+        entry
+        for entry in worklist.files
+        if entry.expanded or not (worklist.batch_reason or entry.reason)
+    ]
     for entry in kept:
         atomic.move_file(
-            _original(home, batch_id, entry), home.originals(batch_id) / intake.FILES / entry.path
+            original_path(home, batch_id, entry),
+            home.originals(batch_id) / intake.FILES / entry.kept_name,
         )
     if kept and (folder / intake.MANIFEST).exists():
         atomic.copy_file(folder / intake.MANIFEST, home.originals(batch_id) / intake.MANIFEST)
-    ledger.record_files(home, batch_id, records)
+    versions = {
+        "recipe_version": _recipe_version(worklist.protocol_id),
+        "code_version": __version__,
+        "dag_run_id": run_id,
+    }
+    ledger.record_files(home, batch_id, records, **versions)
     state = BatchState.QUARANTINED if worklist.batch_reason else BatchState.DONE
-    ledger.set_state(home, batch_id, state, worklist.batch_reason, reason=worklist.batch_reason)
+    ledger.set_state(
+        home, batch_id, state, worklist.batch_detail, reason=worklist.batch_reason, **versions
+    )
     _write_batch_row(home, worklist, state, records)
     summary = atomic.write_json(
         home.batch_record(batch_id),
@@ -447,6 +535,35 @@ def finalize(home: DataHome, batch_id: str) -> Path:
     intake.remove_tree(folder)
     log.info("finalized batch %s: %s", batch_id, state.value)
     return summary
+
+
+def _record(worklist: Worklist, entry: FileEntry) -> ledger.FileRecord:
+    if worklist.batch_reason or entry.reason:
+        reason = worklist.batch_reason or entry.reason
+        detail = worklist.batch_detail if worklist.batch_reason else entry.detail
+        return ledger.FileRecord(
+            entry.file_no, entry.sha256, entry.size, Disposition.QUARANTINED, reason, detail
+        )
+    if entry.duplicate:
+        return ledger.FileRecord(
+            entry.file_no,
+            entry.sha256,
+            entry.size,
+            Disposition.DUPLICATE,
+            None,
+            None,
+            entry.sha256_out,
+        )
+    return ledger.FileRecord(
+        entry.file_no,
+        entry.sha256,
+        entry.size,
+        Disposition.ARCHIVED,
+        None,
+        "; ".join(entry.flags) or None,
+        entry.sha256_out,
+        entry.archive_path,
+    )
 
 
 def _write_batch_row(
@@ -506,8 +623,46 @@ TASKS = {
 }
 
 
-def run_task(step: str, batch_id: str, home: DataHome | None = None) -> str:
-    """Run one named task for a batch (the DAG's single entry point); return its path."""
+# The worklist each task leaves behind: once it exists, the task has completed.
+OUTPUT = {
+    "claim": "claim",
+    "deidentify": "deidentify",
+    "verify": "verify",
+    "validate": "validate",
+    "write_tables": "tables",
+    "route": "route",
+}
+
+
+class DiskFull(RuntimeError):
+    """The data home's disk is full: an infrastructure fault, not a bad file."""
+
+
+def run_task(
+    step: str, batch_id: str, home: DataHome | None = None, run_id: str | None = None
+) -> str:
+    """Run one named task for a batch (the DAG's single entry point); return its path.
+
+    A task whose worklist exists has completed (worklists are written last, atomically)
+    and is not run again, so a batch resumed after a crash continues where it stopped; a
+    finalized batch runs nothing again.
+    ``run_id`` is the Airflow DAG run's ID, recorded in the ledger.
+    """
     from pipeline.home import data_home
 
-    return str(TASKS[step](home or data_home(), batch_id))
+    home = home or data_home()
+    if home.batch_record(batch_id).exists() and not home.claimed_batch(batch_id).exists():
+        return str(home.batch_record(batch_id))  # finalized: a rerun of the batch is a no-op
+    done = _state(home, batch_id, OUTPUT[step]) if step in OUTPUT else None
+    if done is not None and done.exists():
+        return str(done)
+    try:
+        return str(TASKS[step](home, batch_id, run_id=run_id))
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            # Said without the path: the file name is not the problem, the disk is.
+            raise DiskFull(
+                f"no space left on the data home's disk during {step} of batch {batch_id};"
+                " free space and the task is retried"
+            ) from None
+        raise

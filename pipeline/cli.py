@@ -80,6 +80,25 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("output", type=Path, metavar="CSV")
     export.set_defaults(handler=cmd_crosswalk_export)
 
+    audit = commands.add_parser("audit", help="the audit trail of one batch, from the ledger")
+    audit.add_argument("batch_id", metavar="BATCH")
+    audit.add_argument("--json", action="store_true", help="print JSON")
+    audit.set_defaults(handler=cmd_audit)
+
+    held = commands.add_parser("quarantine", help="list or release quarantined files")
+    held_commands = held.add_subparsers(dest="quarantine_command", required=True)
+    held_list = held_commands.add_parser("list", help="every file now in quarantine")
+    held_list.add_argument("--site", help="only this site's batches")
+    held_list.add_argument("--json", action="store_true", help="print a JSON list")
+    held_list.set_defaults(handler=cmd_quarantine_list)
+    held_release = held_commands.add_parser(
+        "release", help="re-queue quarantined files as a new batch (after a fix)"
+    )
+    held_release.add_argument(
+        "target", metavar="BATCH|BATCH:N[,N]", help="a batch, or file numbers of a batch"
+    )
+    held_release.set_defaults(handler=cmd_quarantine_release)
+
     sql = commands.add_parser("query", help="run SQL (DuckDB) over the Parquet tables")
     sql.add_argument("sql", metavar="SQL", help="views: instances, series, batches, qc_findings")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -262,6 +281,91 @@ def cmd_crosswalk_export(home: DataHome, args: argparse.Namespace) -> int:
         f"wrote {count} id_old,id_new pair(s) to {args.output} (original identifiers: "
         "keep it inside the restricted side)"
     )
+    return 0
+
+
+def cmd_audit(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline import ledger
+
+    trail = ledger.trail(home, args.batch_id)
+    if trail is None:
+        raise Refused(f"no batch {args.batch_id} in the ledger")
+    if args.json:
+        print(json.dumps(trail, indent=2, default=str))
+        return 0
+    batch = trail["batch"]
+    print(
+        f"batch {batch['batch_id']}  protocol {batch['protocol_id']}  site {batch['site_id']}"
+        f"  subject {batch['subject_id'] or '-'}  visit {batch['visit'] or '-'}"
+    )
+    print(
+        f"uploaded {_when(batch['uploaded_at'])} by {batch['uploader'] or '-'};"
+        f" {batch['files']} file(s) in the manifest"
+    )
+    if batch["released_from"]:
+        print(f"released from batch {batch['released_from']}")
+    for other in trail["released_to"]:
+        print(f"released to batch {other}")
+    print("state changes:")
+    for event in trail["events"]:
+        extras = [
+            f"{key} {event[key]}"
+            for key in ("reason", "dag_run_id", "recipe_version", "code_version")
+            if event[key]
+        ]
+        print(
+            f"  {_when(event['at'])}  {event['state']:<11} {event['detail'] or ''}"
+            + ("  [" + "; ".join(extras) + "]" if extras else "")
+        )
+    print("files (every event, oldest first):")
+    for item in trail["files"]:
+        parts = [
+            f"  #{item['file_no']:<4} {_when(item['at'])}  {item['disposition']:<11}",
+            f"in {item['sha256_in'] or '-'}",
+        ]
+        if item["reason"]:
+            parts.append(f"reason {item['reason']}")
+        if item["sha256_out"]:
+            parts.append(f"out {item['sha256_out']}")
+        if item["archive_path"]:
+            parts.append(f"archive {item['archive_path']}")
+        if item["detail"]:
+            parts.append(f"({item['detail']})")
+        if item["dag_run_id"]:
+            parts.append(f"run {item['dag_run_id']}")
+        print("  ".join(parts))
+    return 0
+
+
+def _when(value) -> str:  # type: ignore[no-untyped-def]
+    return value.isoformat(timespec="seconds") if value else "-"
+
+
+def cmd_quarantine_list(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline.quarantine import listing
+
+    rows = listing(home, args.site)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("nothing in quarantine")
+        return 0
+    columns = ("batch_id", "site_id", "subject_id", "visit", "file_no", "reason")
+    print(_table([{c: r[c] if r[c] is not None else "-" for c in columns} for r in rows], columns))
+    return 0
+
+
+def cmd_quarantine_release(home: DataHome, args: argparse.Namespace) -> int:
+    from pipeline.release import ReleaseRefused, parse_target, release
+
+    try:
+        batch_id, numbers = parse_target(args.target)
+        new_id, count = release(home, batch_id, numbers)
+    except ReleaseRefused as error:
+        raise Refused(f"release refused: {error}") from None
+    print(f"released {count} file(s) of {batch_id} as batch {new_id}")
+    print("it is READY: `trialpipe run` processes it in a new DAG run")
     return 0
 
 

@@ -66,7 +66,7 @@ def deidentify_folder(
             if reason is None and entry.staged:
                 staged = sandbox.claimed_batch(batch_id) / entry.staged
                 atomic.copy_file(staged, output_dir / entry.path)
-                original = sandbox.claimed_batch(batch_id) / intake.FILES / entry.path
+                original = batch.original_path(sandbox, batch_id, entry)
                 actions = changes(read_dicom(original).dataset, read_dicom(staged).dataset)
             report_files.append(
                 {

@@ -4,7 +4,11 @@
 report through its Execution API) and a scheduler with the LocalExecutor as child processes,
 serializes the DAGs, triggers one run of the ingest DAG per READY batch (run conf: the batch
 ID only), waits until every run is terminal and stops what it started. Children get SIGTERM
-if this process dies, and a later run reaps any that survived.
+if this process dies, and a later run reaps any that survived (by session).
+
+Crash recovery: one `trialpipe run` per data home at a time (a lock; a second one waits).
+At start, runs a killed predecessor left unfinished are marked failed and their batches,
+still claimed, get new runs; every task is idempotent and skips work it completed.
 """
 
 from __future__ import annotations
@@ -90,6 +94,19 @@ def _die_with_parent() -> None:  # runs in the child before exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _kill_sessions(sessions: dict[int, float]) -> None:
+    """Kill every process of the given sessions (leader PID -> leader's start time). Each
+    component leads its own session (setsid), so every process it started, task processes
+    included, even orphaned ones, carries the component's PID as its session ID."""
+    import psutil
+
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            leader = os.getsid(process.pid)
+            if leader in sessions and process.create_time() >= sessions[leader] - 0.01:
+                process.kill()
+
+
 class _Stack:
     """Airflow components as child processes, stopped (with their task processes) on exit."""
 
@@ -102,19 +119,14 @@ class _Stack:
         self._reap_stale()
 
     def _reap_stale(self) -> None:
-        import psutil
 
         if not self.pidfile.exists():
             return
+        sessions = {}
         for line in self.pidfile.read_text().split():
             pid, created = line.split(":")
-            try:
-                process = psutil.Process(int(pid))
-                if abs(process.create_time() - float(created)) < 0.01:
-                    for child in [*process.children(recursive=True), process]:
-                        child.kill()
-            except psutil.Error:
-                pass
+            sessions[int(pid)] = float(created)
+        _kill_sessions(sessions)
         self.pidfile.unlink()
 
     def start(self, name: str, args: list[str]) -> None:
@@ -144,10 +156,10 @@ class _Stack:
     def stop(self, timeout: float = 30.0) -> None:
         import psutil
 
-        tree = []
+        sessions = {}
         for process in self.procs.values():
             with contextlib.suppress(psutil.Error):
-                tree += psutil.Process(process.pid).children(recursive=True)
+                sessions[process.pid] = psutil.Process(process.pid).create_time()
         # The scheduler first: its task processes still need the api-server to finish.
         for name in ("scheduler", "dag-processor", "api-server"):
             process = self.procs.get(name)
@@ -158,9 +170,7 @@ class _Stack:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-        for child in tree:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
+        _kill_sessions(sessions)
         self.pidfile.unlink(missing_ok=True)
 
 
@@ -203,13 +213,16 @@ def run_ready_batches(home: DataHome, timeout: float = 3600) -> dict[str, str]:
     Returns ``{batch_id: dag_run_state}``. Quarantined files or batches are a normal,
     successful outcome of a run; only an infrastructure failure fails it.
     """
-    from pipeline.intake import ready_batches
+    from pipeline.intake import ready_batches, unfinished_batches
 
-    batches = [batch.batch_id for batch in ready_batches(home)]
-    if not batches:
-        return {}
-    wanted = [(DAG_ID, run_id_for(b), {"batch_id": b}) for b in batches]
-    states = run_dags(home, wanted, timeout)
+    with _exclusive(home):
+        # Claimed but never finalized: a run cut off (kill -9, power loss) is resumed first.
+        found = [*unfinished_batches(home), *ready_batches(home)]
+        batches = list(dict.fromkeys(batch.batch_id for batch in found))
+        if not batches:
+            return {}
+        wanted = [(DAG_ID, run_id_for(b), {"batch_id": b}) for b in batches]
+        states = run_dags(home, wanted, timeout)
     return {
         batch_id: states[run_id] for (_, run_id, _), batch_id in zip(wanted, batches, strict=True)
     }
@@ -218,7 +231,27 @@ def run_ready_batches(home: DataHome, timeout: float = 3600) -> dict[str, str]:
 def run_compaction(home: DataHome, timeout: float = 3600) -> str:
     """Run the table compaction DAG once; return the DAG run's final state."""
     run_id = f"compact__{time.strftime('%Y%m%dT%H%M%S')}"
-    return run_dags(home, [(COMPACT_DAG_ID, run_id, {})], timeout)[run_id]
+    with _exclusive(home):
+        return run_dags(home, [(COMPACT_DAG_ID, run_id, {})], timeout)[run_id]
+
+
+@contextlib.contextmanager
+def _exclusive(home: DataHome):  # type: ignore[no-untyped-def]
+    """One embedded Airflow per data home: a second `trialpipe run` waits for the first,
+    then finds the batches already processed."""
+    import fcntl
+
+    home.ensure()
+    with open(home.airflow / "trialpipe-run.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("trialpipe: another run is using this data home; waiting", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_dags(
@@ -230,7 +263,8 @@ def run_dags(
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = _configure(home, port)
     _migrate()
-    stack = _Stack(home, env)
+    stack = _Stack(home, env)  # reaps what a killed earlier run left behind
+    _close_abandoned_runs()
     try:
         stack.start(
             "api-server",
@@ -267,6 +301,34 @@ def run_dags(
         stack.stop()
         signal.signal(signal.SIGTERM, previous)
     return states
+
+
+def _close_abandoned_runs() -> None:
+    """Mark runs left unfinished by a killed earlier `trialpipe run` as failed, before the
+    scheduler starts: in the embedded mode nothing else can be running them, and their
+    batches are resumed by new runs (every task is idempotent)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    with create_session() as session:
+        stale = [DagRunState.QUEUED, DagRunState.RUNNING]
+        for run in session.query(DagRun).filter(DagRun.state.in_(stale)).all():
+            run.state = DagRunState.FAILED
+        for ti in session.query(TaskInstance).filter(
+            TaskInstance.state.in_(
+                [
+                    TaskInstanceState.RUNNING,
+                    TaskInstanceState.QUEUED,
+                    TaskInstanceState.SCHEDULED,
+                    TaskInstanceState.UP_FOR_RETRY,
+                    TaskInstanceState.RESTARTING,
+                    TaskInstanceState.DEFERRED,
+                ]
+            )
+        ):
+            ti.state = TaskInstanceState.FAILED
 
 
 def _dags_ready(dag_ids: list[str]) -> bool:

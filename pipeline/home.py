@@ -37,6 +37,22 @@ def dags_dir() -> Path:
     return Path(os.environ.get("TRIALPIPE_DAGS", REPO_ROOT / "dags"))
 
 
+def safe_relative(path: str) -> str | None:
+    """``path`` as a relative path inside a batch, or None if it would leave the batch
+    (absolute, ``..``, a drive letter, a NUL byte)."""
+    normal = path.replace("\\", "/")
+    parts = [p for p in normal.split("/") if p not in ("", ".")]
+    if (
+        not parts
+        or normal.startswith("/")
+        or ".." in parts
+        or "\x00" in normal
+        or (len(parts[0]) == 2 and parts[0][1] == ":")
+    ):
+        return None
+    return "/".join(parts)
+
+
 @dataclass(frozen=True)
 class DataHome:
     """Paths of one data home. Create with :func:`data_home`."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__, atomic, enrollment, ledger
-from pipeline.home import DataHome
+from pipeline.home import DataHome, safe_relative
 from pipeline.protocol import Protocol, ProtocolError, load_protocol
 
 MANIFEST = "manifest.json"
@@ -130,7 +130,18 @@ def stage_batch(
         "files": entries,
     }
     atomic.write_json(folder / MANIFEST, manifest)
-    ledger.register_batch(home, manifest, batch_id)
+    if check:  # values checked above; otherwise the claim records what it can trust
+        ledger.register_batch(
+            home,
+            batch_id,
+            protocol_id,
+            site_id,
+            files=len(entries),
+            uploader=manifest["uploader"],
+            uploaded_at=manifest["uploaded_at"],
+            subject_id=subject_id,
+            visit=visit,
+        )
     atomic.write_bytes(folder / READY, b"")
     return batch_id
 
@@ -150,7 +161,7 @@ def _expand(paths: list[Path]) -> list[tuple[Path, str]]:
 
 
 def _unique(relative: str, used: set[str]) -> str:
-    safe = "/".join(part for part in relative.split("/") if part not in ("", ".", ".."))
+    safe = safe_relative(relative) or "file"
     candidate, n = safe, 1
     while candidate in used:
         n += 1
@@ -170,6 +181,17 @@ def ready_batches(home: DataHome) -> list[ReadyBatch]:
             continue
         found.append((marker.stat().st_mtime, ReadyBatch(marker.parent.name, marker.parent)))
     return [batch for _, batch in sorted(found, key=lambda item: (item[0], item[1].batch_id))]
+
+
+def unfinished_batches(home: DataHome) -> list[ReadyBatch]:
+    """Batches claimed but never finalized (their run was cut off): to be resumed."""
+    if not home.claimed.exists():
+        return []
+    return [
+        ReadyBatch(folder.name, folder)
+        for folder in sorted(home.claimed.iterdir(), key=lambda f: (f.stat().st_mtime, f.name))
+        if folder.is_dir() and not folder.name.startswith(".")
+    ]
 
 
 def find_upload(home: DataHome, batch_id: str) -> Path | None:

@@ -1,7 +1,14 @@
-"""The audit ledger: batches, their state changes, and where every uploaded file went.
+"""The audit ledger: append-only record of every batch and of where every uploaded file went.
 
-Holds no PHI: batches are named by trial identifiers (site, subject, visit), files by their
-position in the manifest and their checksums, never by their original names or contents.
+Trials are regulated (GCP; 21 CFR Part 11 asks for audit trails), so nothing here is ever
+updated or deleted: a batch's state changes and a file's dispositions are events appended
+with a timestamp, and the current state is the latest event. Database triggers refuse
+UPDATE and DELETE on every ledger table (SQLite in the embedded mode, PostgreSQL in
+production: the same SQLAlchemy schema; ``$TRIALPIPE_LEDGER_URL`` selects the database).
+
+Holds no PHI: batches are named by generated IDs, files by their number in the batch and
+their checksums, never by their original names or contents. Subject and visit are recorded
+only once the subject is confirmed on the randomization list.
 """
 
 from __future__ import annotations
@@ -12,18 +19,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     Column,
     DateTime,
     Integer,
     MetaData,
     String,
     Table,
+    event,
     func,
     insert,
     select,
-    update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from pipeline import db
 from pipeline.home import DataHome
@@ -37,17 +45,11 @@ batches = Table(
     Column("batch_id", String(128), primary_key=True),
     Column("protocol_id", String(64), nullable=False),
     Column("site_id", String(64), nullable=False),
-    Column("subject_id", String(64), nullable=False),
-    Column("visit", String(64), nullable=False),
     Column("uploader", String(128)),
     Column("uploaded_at", DateTime(timezone=True)),
     Column("files", Integer, nullable=False, default=0),
-    Column("state", String(16), nullable=False),
-    Column("reason", String(48)),
-    Column("recipe_version", String(64)),
-    Column("code_version", String(32)),
-    Column("dag_run_id", String(250)),
-    Column("updated_at", DateTime(timezone=True)),
+    Column("released_from", String(128)),
+    Column("registered_at", DateTime(timezone=True), nullable=False),
 )
 
 batch_events = Table(
@@ -55,24 +57,34 @@ batch_events = Table(
     metadata,
     Column("event_id", Integer, primary_key=True, autoincrement=True),
     Column("batch_id", String(128), nullable=False, index=True),
-    Column("state", String(16), nullable=False),
     Column("at", DateTime(timezone=True), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reason", String(48)),
     Column("detail", String(500)),
+    Column("subject_id", String(64)),
+    Column("visit", String(64)),
+    Column("recipe_version", String(64)),
+    Column("code_version", String(32)),
+    Column("dag_run_id", String(250)),
 )
 
-files = Table(
-    "files",
+file_events = Table(
+    "file_events",
     metadata,
-    Column("batch_id", String(128), primary_key=True),
-    Column("file_no", Integer, primary_key=True),
-    Column("sha256_in", String(64)),
-    Column("size", Integer),
+    Column("event_id", Integer, primary_key=True, autoincrement=True),
+    Column("batch_id", String(128), nullable=False, index=True),
+    Column("file_no", Integer, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
     Column("disposition", String(16), nullable=False),
     Column("reason", String(48)),
     Column("detail", String(500)),
+    Column("sha256_in", String(64)),
+    Column("size", Integer),
     Column("sha256_out", String(64)),
     Column("archive_path", String(500)),
-    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("recipe_version", String(64)),
+    Column("code_version", String(32)),
+    Column("dag_run_id", String(250)),
 )
 
 archive_index = Table(
@@ -83,20 +95,41 @@ archive_index = Table(
     Column("file_no", Integer, nullable=False),
     Column("sha256_out", String(64), nullable=False),
     Column("archive_path", String(500), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
 )
 
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _engine(home: DataHome) -> Engine:
-    return db.ready(home.ledger_url, metadata)
+_REFUSAL = "the audit ledger is append-only"
+event.listen(
+    metadata,
+    "before_create",
+    DDL(
+        "CREATE OR REPLACE FUNCTION trialpipe_append_only() RETURNS trigger AS $$ "
+        f"BEGIN RAISE EXCEPTION '{_REFUSAL}'; END $$ LANGUAGE plpgsql"
+    ).execute_if(dialect="postgresql"),
+)
+for _table in (batches, batch_events, file_events, archive_index):
+    event.listen(
+        _table,
+        "after_create",
+        DDL(
+            f"CREATE TRIGGER {_table.name}_append_only BEFORE UPDATE OR DELETE ON {_table.name}"
+            " FOR EACH ROW EXECUTE FUNCTION trialpipe_append_only()"
+        ).execute_if(dialect="postgresql"),
+    )
+    for _verb in ("UPDATE", "DELETE"):
+        event.listen(
+            _table,
+            "after_create",
+            DDL(
+                f"CREATE TRIGGER {_table.name}_no_{_verb.lower()} BEFORE {_verb} ON {_table.name}"
+                f" BEGIN SELECT RAISE(ABORT, '{_REFUSAL}'); END"
+            ).execute_if(dialect="sqlite"),
+        )
 
 
 @dataclass(frozen=True)
 class FileRecord:
-    """The final disposition of one uploaded file."""
+    """The disposition of one uploaded file, as finalize records it."""
 
     file_no: int
     sha256_in: str | None
@@ -108,71 +141,148 @@ class FileRecord:
     archive_path: str | None = None
 
 
-def register_batch(home: DataHome, manifest: dict[str, Any], batch_id: str) -> None:
-    """Record a batch from its manifest; a second call for the same batch changes nothing."""
-    eng = _engine(home)
-    with eng.begin() as conn:
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _engine(home: DataHome) -> Engine:
+    # Created before any table, so the PostgreSQL trigger function exists for the triggers.
+    return db.ready(home.ledger_url, metadata)
+
+
+def utc(value: dt.datetime) -> dt.datetime:
+    """``value`` as an aware UTC datetime (SQLite hands back naive UTC values)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
+
+
+def _row(mapping: Any) -> dict[str, Any]:
+    return {k: utc(v) if isinstance(v, dt.datetime) else v for k, v in dict(mapping).items()}
+
+
+def register_batch(
+    home: DataHome,
+    batch_id: str,
+    protocol_id: str,
+    site_id: str,
+    files: int,
+    uploader: str | None = None,
+    uploaded_at: dt.datetime | str | None = None,
+    released_from: str | None = None,
+    subject_id: str | None = None,
+    visit: str | None = None,
+) -> None:
+    """Record a batch once (READY); a second call for the same batch changes nothing.
+    Pass ``subject_id`` and ``visit`` only when checked against the randomization list."""
+    with _engine(home).begin() as conn:
         if conn.execute(select(batches.c.batch_id).where(batches.c.batch_id == batch_id)).first():
             return
         conn.execute(
             insert(batches).values(
                 batch_id=batch_id,
-                protocol_id=str(manifest.get("protocol_id", "")),
-                site_id=str(manifest.get("site_id", "")),
-                subject_id=str(manifest.get("subject_id", "")),
-                visit=str(manifest.get("visit", "")),
-                uploader=str(manifest.get("uploader", "")),
-                uploaded_at=_parse_time(manifest.get("uploaded_at")),
-                files=len(manifest.get("files", [])),
-                state=BatchState.READY.value,
-                updated_at=_now(),
+                protocol_id=protocol_id,
+                site_id=site_id,
+                uploader=uploader,
+                uploaded_at=_parse_time(uploaded_at),
+                files=files,
+                released_from=released_from,
+                registered_at=_now(),
             )
-        )
-        conn.execute(
-            insert(batch_events).values(batch_id=batch_id, state=BatchState.READY.value, at=_now())
-        )
-
-
-def set_state(
-    home: DataHome, batch_id: str, state: BatchState, detail: str | None = None, **fields: Any
-) -> None:
-    """Move a batch to ``state`` and append the change to its event trail."""
-    eng = _engine(home)
-    with eng.begin() as conn:
-        conn.execute(
-            update(batches)
-            .where(batches.c.batch_id == batch_id)
-            .values(state=state.value, updated_at=_now(), **fields)
         )
         conn.execute(
             insert(batch_events).values(
-                batch_id=batch_id, state=state.value, at=_now(), detail=detail
+                batch_id=batch_id,
+                at=_now(),
+                state=BatchState.READY.value,
+                subject_id=subject_id,
+                visit=visit,
             )
         )
 
 
-def record_files(home: DataHome, batch_id: str, records: Iterable[FileRecord]) -> None:
-    """Write the final disposition of files; rewriting a batch replaces its rows."""
-    rows = [
-        {
-            "batch_id": batch_id,
-            "file_no": r.file_no,
-            "sha256_in": r.sha256_in,
-            "size": r.size,
-            "disposition": r.disposition.value,
-            "reason": r.reason,
-            "detail": r.detail,
-            "sha256_out": r.sha256_out,
-            "archive_path": r.archive_path,
-            "recorded_at": _now(),
-        }
-        for r in records
-    ]
-    eng = _engine(home)
-    with eng.begin() as conn:
-        conn.execute(files.delete().where(files.c.batch_id == batch_id))
+def _latest_batch_event(conn: Connection, batch_id: str) -> Any:
+    return conn.execute(
+        select(batch_events)
+        .where(batch_events.c.batch_id == batch_id)
+        .order_by(batch_events.c.event_id.desc())
+        .limit(1)
+    ).first()
+
+
+def set_state(
+    home: DataHome,
+    batch_id: str,
+    state: BatchState,
+    detail: str | None = None,
+    **fields: Any,
+) -> None:
+    """Append a state change of the batch. Repeating the current state with the same
+    reason (a retried task) appends nothing. ``fields``: reason, subject_id, visit,
+    recipe_version, code_version, dag_run_id."""
+    with _engine(home).begin() as conn:
+        latest = _latest_batch_event(conn, batch_id)
+        if (
+            latest is not None
+            and latest.state == state.value
+            and latest.reason == fields.get("reason")
+            and latest.detail == detail
+        ):
+            return
+        conn.execute(
+            insert(batch_events).values(
+                batch_id=batch_id, at=_now(), state=state.value, detail=detail, **fields
+            )
+        )
+
+
+def _current_files(conn: Connection, batch_id: str | None = None) -> list[Any]:
+    latest = select(
+        file_events.c.batch_id, file_events.c.file_no, func.max(file_events.c.event_id).label("id")
+    ).group_by(file_events.c.batch_id, file_events.c.file_no)
+    if batch_id is not None:
+        latest = latest.where(file_events.c.batch_id == batch_id)
+    ids = latest.subquery()
+    return conn.execute(
+        select(file_events)
+        .join(ids, file_events.c.event_id == ids.c.id)
+        .order_by(file_events.c.batch_id, file_events.c.file_no)
+    ).all()
+
+
+_COMPARED = ("disposition", "reason", "detail", "sha256_in", "sha256_out", "archive_path")
+
+
+def record_files(
+    home: DataHome,
+    batch_id: str,
+    records: Iterable[FileRecord],
+    **versions: str | None,
+) -> int:
+    """Append each file's disposition unless it is already the file's current one (a
+    retried finalize appends nothing); return how many events were appended.
+    ``versions``: recipe_version, code_version, dag_run_id."""
+    with _engine(home).begin() as conn:
+        current = {r.file_no: r for r in _current_files(conn, batch_id)}
+        rows = []
+        for record in records:
+            values = {
+                "file_no": record.file_no,
+                "disposition": record.disposition.value,
+                "reason": record.reason,
+                "detail": record.detail,
+                "sha256_in": record.sha256_in,
+                "size": record.size,
+                "sha256_out": record.sha256_out,
+                "archive_path": record.archive_path,
+            }
+            before = current.get(record.file_no)
+            if before is not None and all(getattr(before, k) == values[k] for k in _COMPARED):
+                continue
+            rows.append({"batch_id": batch_id, "at": _now(), **values, **versions})
         if rows:
-            conn.execute(insert(files), rows)
+            conn.execute(insert(file_events), rows)
+    return len(rows)
 
 
 def archived_owner(home: DataHome, sop_instance_uid: str) -> dict[str, Any] | None:
@@ -181,7 +291,7 @@ def archived_owner(home: DataHome, sop_instance_uid: str) -> dict[str, Any] | No
         row = conn.execute(
             select(archive_index).where(archive_index.c.sop_instance_uid == sop_instance_uid)
         ).first()
-    return dict(row._mapping) if row else None
+    return _row(row._mapping) if row else None
 
 
 def claim_archive_slot(
@@ -192,7 +302,7 @@ def claim_archive_slot(
     sha256_out: str,
     archive_path: str,
 ) -> None:
-    """Record that ``batch_id`` archived this instance (idempotent for the same batch)."""
+    """Record that ``batch_id`` archived this instance (idempotent: the first owner stays)."""
     with _engine(home).begin() as conn:
         existing = conn.execute(
             select(archive_index.c.batch_id).where(
@@ -207,57 +317,70 @@ def claim_archive_slot(
                     file_no=file_no,
                     sha256_out=sha256_out,
                     archive_path=archive_path,
+                    at=_now(),
                 )
             )
 
 
-def batch_rows(home: DataHome) -> list[dict[str, Any]]:
-    """One summary per batch, with file counts by disposition, oldest first."""
-    eng = _engine(home)
-    counts = (
-        select(
-            files.c.batch_id,
-            files.c.disposition,
-            func.count().label("n"),
-        )
-        .group_by(files.c.batch_id, files.c.disposition)
-        .subquery()
-    )
-    with eng.connect() as conn:
-        batch_list = conn.execute(
-            select(batches).order_by(batches.c.uploaded_at, batches.c.batch_id)
-        ).all()
-        tallies: dict[str, dict[str, int]] = {}
-        for batch_id, disposition, n in conn.execute(select(counts)).all():
-            tallies.setdefault(batch_id, {})[disposition] = n
+def _summaries(conn: Connection, batch_id: str | None = None) -> list[dict[str, Any]]:
+    query = select(batches).order_by(batches.c.registered_at, batches.c.batch_id)
+    if batch_id is not None:
+        query = query.where(batches.c.batch_id == batch_id)
+    registered = conn.execute(query).all()
+    tallies: dict[str, dict[str, int]] = {}
+    for row in _current_files(conn, batch_id):
+        counts = tallies.setdefault(row.batch_id, {})
+        counts[row.disposition] = counts.get(row.disposition, 0) + 1
+    events: dict[str, list[Any]] = {}
+    event_query = select(batch_events).order_by(batch_events.c.event_id)
+    if batch_id is not None:
+        event_query = event_query.where(batch_events.c.batch_id == batch_id)
+    for row in conn.execute(event_query).all():
+        events.setdefault(row.batch_id, []).append(row)
     result = []
-    for row in batch_list:
-        t = tallies.get(row.batch_id, {})
+    for row in registered:
+        trail = events.get(row.batch_id, [])
+        latest = trail[-1] if trail else None
+        confirmed = next((e for e in reversed(trail) if e.subject_id), None)
+        counts = tallies.get(row.batch_id, {})
         result.append(
             {
-                "batch_id": row.batch_id,
-                "protocol_id": row.protocol_id,
-                "site_id": row.site_id,
-                "subject_id": row.subject_id,
-                "visit": row.visit,
-                "state": row.state,
-                "reason": row.reason,
-                "files": row.files,
-                "archived": t.get(Disposition.ARCHIVED.value, 0),
-                "quarantined": t.get(Disposition.QUARANTINED.value, 0),
-                "duplicates": t.get(Disposition.DUPLICATE.value, 0),
+                **_row(row._mapping),
+                "subject_id": confirmed.subject_id if confirmed else None,
+                "visit": confirmed.visit if confirmed else None,
+                "state": latest.state if latest else BatchState.READY.value,
+                "reason": latest.reason if latest else None,
+                "recipe_version": next(
+                    (e.recipe_version for e in reversed(trail) if e.recipe_version), None
+                ),
+                "dag_run_id": next((e.dag_run_id for e in reversed(trail) if e.dag_run_id), None),
+                "updated_at": utc(latest.at) if latest else None,
+                "archived": counts.get(Disposition.ARCHIVED.value, 0),
+                "quarantined": counts.get(Disposition.QUARANTINED.value, 0),
+                "duplicates": counts.get(Disposition.DUPLICATE.value, 0),
+                "released": counts.get(Disposition.RELEASED.value, 0),
             }
         )
     return result
 
 
-def batch_row(home: DataHome, batch_id: str) -> dict[str, Any] | None:
-    """The ledger's row for one batch (times as UTC-aware datetimes)."""
+def batch_rows(home: DataHome) -> list[dict[str, Any]]:
+    """One current summary per batch, with file counts by disposition, oldest first."""
     with _engine(home).connect() as conn:
-        row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).first()
-    if row is None:
-        return None
-    return {k: utc(v) if isinstance(v, dt.datetime) else v for k, v in row._mapping.items()}
+        return _summaries(conn)
+
+
+def batch_row(home: DataHome, batch_id: str) -> dict[str, Any] | None:
+    """The current summary of one batch (times as UTC-aware datetimes)."""
+    with _engine(home).connect() as conn:
+        rows = _summaries(conn, batch_id)
+    return rows[0] if rows else None
+
+
+def file_rows(home: DataHome, batch_id: str | None = None) -> list[dict[str, Any]]:
+    """Each file's current disposition (its latest event), for one batch or all."""
+    with _engine(home).connect() as conn:
+        return [_row(r._mapping) for r in _current_files(conn, batch_id)]
 
 
 def state_times(home: DataHome, batch_id: str) -> dict[str, dt.datetime]:
@@ -271,23 +394,37 @@ def state_times(home: DataHome, batch_id: str) -> dict[str, dt.datetime]:
         return {state: utc(at) for state, at in conn.execute(query).all()}
 
 
-def utc(value: dt.datetime) -> dt.datetime:
-    """``value`` as an aware UTC datetime (SQLite hands back naive UTC values)."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC)
-
-
-def file_rows(home: DataHome, batch_id: str | None = None) -> list[dict[str, Any]]:
-    """File dispositions, for one batch or all."""
-    query = select(files).order_by(files.c.batch_id, files.c.file_no)
-    if batch_id is not None:
-        query = query.where(files.c.batch_id == batch_id)
+def trail(home: DataHome, batch_id: str) -> dict[str, Any] | None:
+    """Everything the ledger holds on a batch, in order: registration, every state
+    change, every file event. None if the batch is unknown."""
     with _engine(home).connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(query).all()]
+        summary = _summaries(conn, batch_id)
+        if not summary:
+            return None
+        events = conn.execute(
+            select(batch_events)
+            .where(batch_events.c.batch_id == batch_id)
+            .order_by(batch_events.c.event_id)
+        ).all()
+        files = conn.execute(
+            select(file_events)
+            .where(file_events.c.batch_id == batch_id)
+            .order_by(file_events.c.file_no, file_events.c.event_id)
+        ).all()
+        released_to = conn.execute(
+            select(batches.c.batch_id).where(batches.c.released_from == batch_id)
+        ).all()
+    return {
+        "batch": summary[0],
+        "events": [_row(e._mapping) for e in events],
+        "files": [_row(f._mapping) for f in files],
+        "released_to": [r.batch_id for r in released_to],
+    }
 
 
 def _parse_time(value: Any) -> dt.datetime | None:
     if not value:
         return None
+    if isinstance(value, dt.datetime):
+        return value
     return dt.datetime.fromisoformat(str(value))

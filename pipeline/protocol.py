@@ -43,6 +43,24 @@ class TagRule:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one upload may hold before it is refused unread (protocol.yaml ``intake``)."""
+
+    max_file_mb: float = 2048
+    max_archive_mb: float = 16384  # a zip's total expanded size
+    max_archive_files: int = 20000
+    max_expansion_ratio: float = 1000  # expanded bytes per zipped byte, a zip bomb's mark
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 1024 * 1024)
+
+    @property
+    def max_archive_bytes(self) -> int:
+        return int(self.max_archive_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True)
 class SafePrivate:
     """Private elements a protocol keeps under Retain Safe Private: in ``group``, the block
     reserved by ``creator``, the element offsets listed (0x00-0xFF)."""
@@ -68,6 +86,7 @@ class Protocol:
     recipe_version: str
     folder: Path
     safe_private: tuple[SafePrivate, ...] = ()
+    limits: Limits = Limits()
 
     @property
     def visit_ids(self) -> tuple[str, ...]:
@@ -134,6 +153,7 @@ def load_protocol(protocol_id: str) -> Protocol:
                 if "retain_safe_private" in options
                 else ()
             ),
+            limits=Limits(**(raw.get("intake") or {})),
         )
     except (KeyError, TypeError, ValueError) as error:
         if isinstance(error, ProtocolError):

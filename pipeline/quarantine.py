@@ -21,15 +21,18 @@ RECORD = "quarantine.json"
 
 
 def put(
-    home: DataHome, worklist: Worklist, refused: list[tuple[FileEntry, str, str | None]]
+    home: DataHome,
+    worklist: Worklist,
+    refused: list[tuple[FileEntry, Path, str, str | None]],
 ) -> Path:
-    """Move refused originals of a claimed batch into quarantine and describe why."""
+    """Move refused originals (entry, where it lies now, reason, detail) of a claimed batch
+    into quarantine under their uploaded names, and describe why."""
     claimed = home.claimed_batch(worklist.batch_id)
     folder = home.quarantined_batch(worklist.batch_id)
-    for entry, _, _ in refused:
-        source = claimed / intake.FILES / entry.path
-        if source.exists() or (folder / intake.FILES / entry.path).exists():
-            atomic.move_file(source, folder / intake.FILES / entry.path)
+    for entry, source, _, _ in refused:
+        target = folder / intake.FILES / entry.kept_name
+        if source.exists() or target.exists():
+            atomic.move_file(source, target)
     if (claimed / intake.MANIFEST).exists():
         atomic.copy_file(claimed / intake.MANIFEST, folder / intake.MANIFEST)
     record = {
@@ -43,30 +46,49 @@ def put(
         "files": [
             {
                 "file_no": entry.file_no,
-                "path": entry.path,
+                "path": entry.kept_name,
+                "present": (folder / intake.FILES / entry.kept_name).exists(),
                 "reason": reason,
                 "detail": detail,
                 "action": Reason(reason).info.action,
             }
-            for entry, reason, detail in refused
+            for entry, _, reason, detail in refused
         ],
     }
     return atomic.write_json(folder / RECORD, record)
 
 
-def entries(home: DataHome) -> list[dict[str, Any]]:
-    """Every quarantined file with its batch and reason."""
+def read_record(home: DataHome, batch_id: str) -> dict[str, Any] | None:
+    """The batch's quarantine.json, or None if nothing of the batch was quarantined."""
+    try:
+        return json.loads((home.quarantined_batch(batch_id) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def listing(home: DataHome, site_id: str | None = None) -> list[dict[str, Any]]:
+    """Every file whose current disposition is quarantined (the ledger's word), with its
+    batch's site and, once confirmed, subject and visit; never a file name."""
+    from pipeline import ledger
+
+    batches = {row["batch_id"]: row for row in ledger.batch_rows(home)}
     found = []
-    for record_path in sorted(home.quarantine.glob(f"*/{RECORD}")):
-        record = json.loads(record_path.read_text())
-        for item in record["files"]:
-            found.append(
-                {
-                    "batch_id": record["batch_id"],
-                    "site_id": record["site_id"],
-                    "subject_id": record["subject_id"],
-                    "visit": record["visit"],
-                    **item,
-                }
-            )
+    for row in ledger.file_rows(home):
+        batch = batches.get(row["batch_id"], {})
+        if row["disposition"] != "quarantined":
+            continue
+        if site_id is not None and batch.get("site_id") != site_id:
+            continue
+        found.append(
+            {
+                "batch_id": row["batch_id"],
+                "site_id": batch.get("site_id"),
+                "subject_id": batch.get("subject_id"),
+                "visit": batch.get("visit"),
+                "file_no": row["file_no"],
+                "reason": row["reason"],
+                "detail": row["detail"],
+                "quarantined_at": row["at"].isoformat(timespec="seconds"),
+            }
+        )
     return found

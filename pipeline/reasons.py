@@ -35,6 +35,8 @@ class Reason(StrEnum):
     MISSING_SOP_INSTANCE_UID = "missing_sop_instance_uid"
     CHECKSUM_MISMATCH = "checksum_mismatch"
     FILE_MISSING = "file_missing"
+    FILE_TOO_LARGE = "file_too_large"
+    UNSAFE_ARCHIVE = "unsafe_archive"
     # File-level: de-identification and its checks.
     DEID_FAILED = "deid_failed"
     BURNED_IN_ANNOTATION = "burned_in_annotation"
@@ -88,6 +90,19 @@ _INFO: dict[Reason, ReasonInfo] = {
         Scope.FILE,
         "A file listed in the manifest is not in the batch.",
         "Upload the batch again; do not move files after the upload finished.",
+    ),
+    Reason.FILE_TOO_LARGE: ReasonInfo(
+        Scope.FILE,
+        "The file is larger than the protocol's size limit for one uploaded file.",
+        "Check it is one DICOM image and not a disk image or a video; if it is a genuine "
+        "image, ask the core lab to raise the protocol's limit, then release it.",
+    ),
+    Reason.UNSAFE_ARCHIVE: ReasonInfo(
+        Scope.FILE,
+        "A zip file in the batch was refused unopened: it names paths outside itself, is "
+        "encrypted, holds too many files, or expands far beyond its size.",
+        "Upload the DICOM files themselves, or a plain zip of them made by your PACS or "
+        "operating system, with no password.",
     ),
     Reason.DEID_FAILED: ReasonInfo(
         Scope.FILE,
@@ -156,10 +171,15 @@ class Disposition(StrEnum):
     ARCHIVED = "archived"
     QUARANTINED = "quarantined"
     DUPLICATE = "duplicate"
+    # Taken out of quarantine by `trialpipe quarantine release`: the file continues as a
+    # file of the batch the release created (the ledger links both), ending there as one
+    # of the three above.
+    RELEASED = "released"
 
 
 class BatchState(StrEnum):
-    """Lifecycle of a batch; the last three are terminal."""
+    """Lifecycle of a batch: done and quarantined are terminal; a failed DAG run (an
+    infrastructure fault) leaves the batch to be resumed by the next run."""
 
     READY = "ready"
     PROCESSING = "processing"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import atomic
+from pipeline.home import safe_relative
 from pipeline.reasons import Reason
 
 
@@ -35,6 +36,12 @@ class FileEntry:
     archive_path: str | None = None
     findings: list[dict[str, Any]] = field(default_factory=list)
     row: dict[str, Any] | None = None
+    # Zip uploads: the zip is ``expanded`` and its members are files of their own whose
+    # ``archive_of`` is the zip's number. The zip itself is kept, not accounted as a file.
+    expanded: bool = False
+    archive_of: int | None = None
+    # Set when the file was released from quarantine: "<batch>:<file_no>" it came from.
+    released_from: str | None = None
 
     @property
     def flags(self) -> list[str]:
@@ -43,8 +50,14 @@ class FileEntry:
 
     @property
     def in_play(self) -> bool:
-        """Still heading for the archive: not quarantined, not a duplicate."""
-        return self.reason is None and not self.duplicate
+        """Still heading for the archive: not quarantined, not a duplicate, not a zip."""
+        return self.reason is None and not self.duplicate and not self.expanded
+
+    @property
+    def kept_name(self) -> str:
+        """The name the original is kept under (quarantine, restricted store): its uploaded
+        path when that stays inside the folder, else its number."""
+        return safe_relative(self.path) or f"unnamed/{self.file_no:06d}"
 
     def refuse(self, reason: Reason, detail: str | None = None) -> None:
         self.reason = reason.value

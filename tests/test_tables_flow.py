@@ -157,5 +157,7 @@ def test_no_planted_phi_in_any_column_of_any_table(enrolled, trial, protocol):
     assert leaks == []
     assert phi_leaks(enrolled.reports, trial.phi_values(), boundary=()) == []
     assert phi_leaks(enrolled.parquet, trial.phi_values(), boundary=()) == []
+    # The ledger and batch records too: the stray batch's MRN never became a subject.
+    assert phi_leaks(enrolled.root, trial.phi_values()) == []
     reasons = {f["reason"] for f in ledger.file_rows(enrolled) if f["reason"]}
     assert "residual_phi" in reasons  # the planted files were stopped, not archived

@@ -1,0 +1,108 @@
+"""Quarantine management: list what is held, release it after a fix, audit both sides."""
+
+import csv
+import json
+
+import pytest
+
+from pipeline import batch, enrollment, ledger
+from pipeline.cli import main
+from pipeline.demo import upload_trial
+
+
+def process_all(home):
+    from pipeline.intake import ready_batches
+
+    for ready in ready_batches(home):
+        for step in batch.TASKS:
+            batch.run_task(step, ready.batch_id, home)
+
+
+def cli(capsys, home, *args):
+    code = main(["--home", str(home.root), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def processed(enrolled, trial):
+    expected = upload_trial(enrolled, trial)
+    process_all(enrolled)
+    return expected
+
+
+def test_list_shows_every_quarantined_file_by_number_and_reason(capsys, processed, enrolled):
+    code, out, _ = cli(capsys, enrolled, "quarantine", "list", "--json")
+    rows = json.loads(out)
+    held = [f for f in ledger.file_rows(enrolled) if f["disposition"] == "quarantined"]
+    assert code == 0 and len(rows) == len(held)
+    assert {(r["batch_id"], r["file_no"], r["reason"]) for r in rows} == {
+        (f["batch_id"], f["file_no"], f["reason"]) for f in held
+    }
+    code, out, _ = cli(capsys, enrolled, "quarantine", "list", "--site", "SITE-02")
+    assert code == 0 and "SITE-01" not in out and "mixed_patients" in out
+    assert "path" not in out  # numbers, never uploaded names
+
+
+def test_releasing_an_unenrolled_batch_after_enrollment_archives_it(
+    capsys, processed, enrolled, trial, protocol, tmp_path
+):
+    stranger = next(b for b, e in processed.items() if e == "unenrolled_subject")
+    planned = next(b for b in trial.batches if b.expect == "unenrolled_subject")
+    rows = list(csv.reader(trial.enrollment_csv.open()))
+    rows.append([planned.site_id, planned.subject_id, "B", "2025-08-20"])
+    updated = tmp_path / "enrollment.csv"
+    with updated.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    enrollment.import_csv(enrolled, protocol, updated)
+
+    code, out, _ = cli(capsys, enrolled, "quarantine", "release", stranger)
+    assert code == 0
+    new_id = out.split(" as batch ")[1].split()[0]
+    process_all(enrolled)
+    released = ledger.batch_row(enrolled, new_id)
+    assert released["state"] == "done" and released["released_from"] == stranger
+    assert released["archived"] == released["files"] > 0
+    old = ledger.file_rows(enrolled, stranger)
+    assert {f["disposition"] for f in old} == {"released"}
+    assert all(new_id in f["detail"] for f in old)
+
+    code, out, _ = cli(capsys, enrolled, "audit", stranger)
+    assert f"released to batch {new_id}" in out and " quarantined " in out
+    code, out, _ = cli(capsys, enrolled, "audit", new_id)
+    assert f"released from batch {stranger}" in out
+    code, out, _ = cli(capsys, enrolled, "quarantine", "list")
+    assert stranger not in out
+
+
+def test_releasing_chosen_files_leaves_the_rest_in_quarantine(capsys, processed, enrolled):
+    mixed = next(b for b, e in processed.items() if e == "mixed_patients")
+    held = ledger.file_rows(enrolled, mixed)
+    record = json.loads((enrolled.quarantined_batch(mixed) / "quarantine.json").read_text())
+    (keep_back,) = [f["file_no"] for f in record["files"] if "other_patient" in f["path"]]
+    chosen = ",".join(str(f["file_no"]) for f in held if f["file_no"] != keep_back)
+    code, out, _ = cli(capsys, enrolled, "quarantine", "release", f"{mixed}:{chosen}")
+    assert code == 0
+    new_id = out.split(" as batch ")[1].split()[0]
+    process_all(enrolled)
+    assert ledger.batch_row(enrolled, new_id)["state"] == "done"
+    remaining = [f for f in ledger.file_rows(enrolled, mixed) if f["disposition"] == "quarantined"]
+    assert [f["file_no"] for f in remaining] == [keep_back]
+    # Every file of both batches is accounted for exactly once, counting a release as a move.
+    total = ledger.file_rows(enrolled, mixed) + ledger.file_rows(enrolled, new_id)
+    final = [f for f in total if f["disposition"] != "released"]
+    assert len(final) == len(held)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("nope", "nothing in quarantine"),
+        ("{done}:999", "not quarantined"),
+        ("{done}:x", "integers"),
+    ],
+)
+def test_release_refusals_are_clear(capsys, processed, enrolled, target, message):
+    done = next(b for b, e in processed.items() if e == "done")
+    code, _, err = cli(capsys, enrolled, "quarantine", "release", target.format(done=done))
+    assert code == 2 and message in err and "Traceback" not in err
