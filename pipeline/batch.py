@@ -566,6 +566,22 @@ def _record(worklist: Worklist, entry: FileEntry) -> ledger.FileRecord:
     )
 
 
+def refresh_batch_counts(home: DataHome, batch_id: str) -> None:
+    """Rewrite the batch's row of the batches table with its current file counts from the
+    ledger (after a release moved some of its files to another batch)."""
+    import pyarrow.compute as pc
+
+    data = tables.read_table(home, "batches")
+    matching = data.filter(pc.equal(data["batch_id"], batch_id)).to_pylist()
+    summary = ledger.batch_row(home, batch_id)
+    if not matching or summary is None:
+        return
+    row = matching[0]
+    for key in ("archived", "quarantined", "duplicates", "released"):
+        row[key] = summary[key]
+    tables.write_batch(home, "batches", row["protocol"], row["site"], batch_id, [row])
+
+
 def _write_batch_row(
     home: DataHome, worklist: Worklist, state: BatchState, records: list[ledger.FileRecord]
 ) -> None:
@@ -591,6 +607,7 @@ def _write_batch_row(
         "files": len(records),
         "archived": len(by[Disposition.ARCHIVED]),
         "quarantined": len(by[Disposition.QUARANTINED]),
+        "released": len(by[Disposition.RELEASED]),
         "duplicates": len(by[Disposition.DUPLICATE]),
         "flagged": sum(1 for r in by[Disposition.ARCHIVED] if r.detail),
         "bytes_uploaded": sum(int(r.size or 0) for r in records),

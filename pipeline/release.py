@@ -16,6 +16,7 @@ import datetime as dt
 import getpass
 
 from pipeline import atomic, intake, ledger, quarantine
+from pipeline.batch import refresh_batch_counts
 from pipeline.home import DataHome
 from pipeline.protocol import ProtocolError, load_protocol
 from pipeline.reasons import BatchState, Disposition
@@ -136,5 +137,6 @@ def release(
             item["released_to"] = new_id
             item["present"] = False
     atomic.write_json(folder / quarantine.RECORD, record)
+    refresh_batch_counts(home, batch_id)
     atomic.write_bytes(target / intake.READY, b"")
     return new_id, len(entries)

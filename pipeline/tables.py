@@ -126,6 +126,7 @@ BATCHES = pa.schema(
         pa.field("archived", pa.int32(), nullable=False),
         pa.field("quarantined", pa.int32(), nullable=False),
         pa.field("duplicates", pa.int32(), nullable=False),
+        pa.field("released", pa.int32(), nullable=False),
         pa.field("flagged", pa.int32(), nullable=False),
         pa.field("bytes_uploaded", pa.int64(), nullable=False),
         pa.field("bytes_archived", pa.int64(), nullable=False),

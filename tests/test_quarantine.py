@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipeline import batch, enrollment, ledger
+from pipeline import batch, enrollment, ledger, tables
 from pipeline.cli import main
 from pipeline.demo import upload_trial
 
@@ -92,6 +92,10 @@ def test_releasing_chosen_files_leaves_the_rest_in_quarantine(capsys, processed,
     total = ledger.file_rows(enrolled, mixed) + ledger.file_rows(enrolled, new_id)
     final = [f for f in total if f["disposition"] != "released"]
     assert len(final) == len(held)
+    # The statisticians' batches table says the same.
+    batches = {r["batch_id"]: r for r in tables.read_table(enrolled, "batches").to_pylist()}
+    assert (batches[mixed]["quarantined"], batches[mixed]["released"]) == (1, len(held) - 1)
+    assert batches[new_id]["archived"] == len(held) - 1
 
 
 @pytest.mark.parametrize(
