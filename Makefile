@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_HOME ?= $(CURDIR)/demo-home
 
-.PHONY: venv demo test lint format lock clean
+.PHONY: venv demo test lint format lock clean bench
 
 venv: $(STAMP)
 
@@ -31,6 +31,12 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Throughput of every contender on the same generated files, ratios to plain pydicom I/O
+# (several minutes); writes docs/benchmarks.md. BENCH_ARGS="--ct 200 --dag-files 400" for a
+# quick look.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run --out docs/benchmarks.md $(BENCH_ARGS)
 
 # Re-resolve the environment from pyproject.toml and rewrite the lock (a deliberate act).
 lock:

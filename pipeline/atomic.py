@@ -45,6 +45,23 @@ def copy_file(source: Path, target: Path) -> Path:
     return write_with(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
+def link_or_copy(source: Path, target: Path) -> Path:
+    """Put ``source``'s bytes at ``target`` atomically: a hard link when both are on one
+    filesystem (no bytes copied; ``source`` was written atomically and never changes),
+    else a copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(target)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return copy_file(source, target)
+    try:
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def move_file(source: Path, target: Path) -> None:
     """Move ``source`` to ``target``; idempotent when the move already happened."""
     if not source.exists() and target.exists():

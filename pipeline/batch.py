@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import json
 import logging
 import os
 import zipfile
@@ -28,8 +29,7 @@ from pipeline.home import DataHome, safe_relative
 from pipeline.protocol import Limits, Protocol, ProtocolError, load_protocol
 from pipeline.pseudonyms import patient_fingerprint, trial_secret
 from pipeline.reasons import BatchState, Disposition, Reason
-from pipeline.recipe import compose
-from pipeline.verify import identifying_values, residual_phi
+from pipeline.verify import IdentifyingValues, residual_phi
 from pipeline.worklist import FileEntry, Worklist
 
 log = logging.getLogger("trialpipe.batch")
@@ -250,6 +250,7 @@ def deidentify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path
     key = trial_secret(home, protocol.protocol_id)
     fingerprints: set[str] = set()
     crosswalk: dict[tuple[str, str], str] = {}
+    identifying: set[str] = set()
     for entry in worklist.in_play():
         source = original_path(home, batch_id, entry)
         if not source.exists():
@@ -295,6 +296,7 @@ def deidentify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path
             outcome.series_uid,
         )
         crosswalk.update(outcome.crosswalk)
+        identifying |= outcome.identifying
         faults.checkpoint("deidentify")
     if not fingerprints:
         worklist.refuse_batch(Reason.NO_DICOM_IN_BATCH)
@@ -306,26 +308,38 @@ def deidentify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path
         worklist.refuse_batch(Reason.PATIENT_MISMATCH)
     if not worklist.batch_reason:
         restricted.record_crosswalk(home, protocol.protocol_id, crosswalk)
+    # Inside the boundary (the claimed batch), for verify: the batch is one patient, so
+    # every file's output is searched for every original identifying value of the batch.
+    atomic.write_json(_identifying(home, batch_id), sorted(identifying))
     log.info("de-identified batch %s: %d files staged", batch_id, len(worklist.in_play()))
     return worklist.save(_state(home, batch_id, "deidentify"))
 
 
+def _identifying(home: DataHome, batch_id: str) -> Path:
+    return home.claimed_batch(batch_id) / "state" / "identifying.json"
+
+
 def verify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
-    """Quarantine any staged file that still holds an identifying value of its original."""
+    """Quarantine any staged file that still holds an identifying value of the originals."""
     worklist = _load(home, batch_id, "deidentify")
     if worklist.in_play():
-        kept = compose(load_protocol(worklist.protocol_id).recipe_files).kept
+        values = IdentifyingValues(frozenset(json.loads(_identifying(home, batch_id).read_text())))
         for entry in worklist.in_play():
-            original = read_dicom(original_path(home, batch_id, entry), stop_before_pixels=True)
-            output = read_dicom(home.claimed_batch(batch_id) / str(entry.staged))
-            if original.dataset is None or output.dataset is None:
+            # Large values (pixels) are not read; every element, trailing ones too, is.
+            output = read_dicom(
+                home.claimed_batch(batch_id) / str(entry.staged), defer_size=DEFER_ABOVE
+            )
+            if output.dataset is None:
                 entry.refuse(Reason.DEID_FAILED, "de-identified file could not be re-read")
                 continue
-            hits = residual_phi(identifying_values(original.dataset, kept), output.dataset)
+            hits = residual_phi(values, output.dataset)
             if hits:
                 entry.refuse(Reason.RESIDUAL_PHI, "identifying value left in " + ", ".join(hits))
     log.info("verified batch %s: %d files clean", batch_id, len(worklist.in_play()))
     return worklist.save(_state(home, batch_id, "verify"))
+
+
+DEFER_ABOVE = 64 * 1024
 
 
 def validate(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
@@ -466,7 +480,7 @@ def route(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
     for entry in worklist.in_play():
         target = home.archive / str(entry.archive_path)
         if not (target.exists() and intake.sha256_file(target) == entry.sha256_out):
-            atomic.copy_file(home.claimed_batch(batch_id) / str(entry.staged), target)
+            atomic.link_or_copy(home.claimed_batch(batch_id) / str(entry.staged), target)
         ledger.claim_archive_slot(
             home,
             str(entry.sop_uid),

@@ -115,6 +115,8 @@ class Outcome:
     sop_uid: str
     crosswalk: dict[tuple[str, str], str] = field(default_factory=dict)
     cleaned_pixels: bool = False
+    # The original's identifying values, for the verify step (never leaves the boundary).
+    identifying: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ class Deidentifier:
     def apply(self, ds: FileDataset) -> Outcome:
         """De-identify ``ds`` in place; raise :class:`DeidentificationError` on failure."""
         original = identifying_values(ds, self.composed.kept)
-        outcome = Outcome("", "", "")
+        outcome = Outcome("", "", "", identifying=original.values)
         patient_id = str(ds.get("PatientID", "") or "").strip()
         if patient_id:
             outcome.crosswalk[("subject", patient_id)] = self.subject.enrollee.subject_id

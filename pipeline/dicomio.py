@@ -35,8 +35,11 @@ class ReadResult:
     detail: str | None = None
 
 
-def read_dicom(path: Path, stop_before_pixels: bool = False) -> ReadResult:
-    """Read ``path``; on failure return the reason a site coordinator can act on."""
+def read_dicom(
+    path: Path, stop_before_pixels: bool = False, defer_size: int | None = None
+) -> ReadResult:
+    """Read ``path``; on failure return the reason a site coordinator can act on. Values
+    larger than ``defer_size`` bytes are read only when used."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -46,7 +49,7 @@ def read_dicom(path: Path, stop_before_pixels: bool = False) -> ReadResult:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
         except InvalidDicomError:
             return _read_without_preamble(path, stop_before_pixels)
         except (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):

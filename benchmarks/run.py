@@ -1,0 +1,343 @@
+"""``make bench``: every contender on the same files in one run, ratios to plain I/O.
+
+    python -m benchmarks.run [--ct 1000] [--mr 300] [--small 500] [--dag-files 2000]
+                             [--work DIR] [--out docs/benchmarks.md]
+
+Contenders, each in its own process (start-up included), on each corpus:
+plain pydicom read+write (the floor); deid's replace_identifiers with the protocol's own
+composed recipe, one file at a time (naive use); dicognito; ``trialpipe deid`` on the folder;
+trialpipe's library pipeline (every ingest task in one process). Then, on a batch of
+``--dag-files`` CT slices, the library pipeline again and the full Airflow DAG
+(``trialpipe run`` on the embedded default). Reports files/s, MB/s, CPU seconds, peak RSS
+and each ratio to plain read+write, measured side by side in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.corpus import Corpus, generate
+
+PYTHON = sys.executable
+TRIALPIPE = str(Path(sys.executable).parent / "trialpipe")
+
+
+def _measure(command: list[str], env: dict[str, str] | None = None) -> dict:
+    result = subprocess.run(
+        [PYTHON, "-m", "benchmarks.measure", "--", *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=True,
+    )
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    if measured["returncode"] != 0:
+        raise RuntimeError(f"{command[:4]} failed: {measured['stderr']}")
+    return measured
+
+
+def _subset(source: Path, target: Path, count: int) -> Path:
+    """The first ``count`` files of ``source``, hard-linked (same bytes, no copy cost)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.glob("*.dcm"))[:count]:
+        os.link(path, target / path.name)
+    return target
+
+
+def _home(work: Path, name: str, corpus: Corpus) -> Path:
+    home = work / "homes" / name
+    subprocess.run(
+        [
+            TRIALPIPE,
+            "--home",
+            str(home),
+            "enroll",
+            "--protocol",
+            "DEMO-01",
+            str(corpus.enrollment_csv),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return home
+
+
+def _upload(home: Path, corpus: Corpus, folder: Path) -> str:
+    out = subprocess.run(
+        [
+            TRIALPIPE,
+            "--home",
+            str(home),
+            "upload",
+            "--protocol",
+            "DEMO-01",
+            "--site",
+            corpus.site_id,
+            "--subject",
+            corpus.subject_id,
+            "--visit",
+            corpus.visit,
+            str(folder),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _composed_recipe(work: Path) -> Path:
+    from pipeline.protocol import load_protocol
+    from pipeline.recipe import compose
+
+    composed = compose(load_protocol("DEMO-01").recipe_files).path
+    return Path(shutil.copy(composed, work / "composed.dicom"))
+
+
+def _contenders(work: Path, corpus: Corpus, label: str, folder: Path, recipe: Path) -> list[dict]:
+    out = work / "out" / label
+    rows = []
+    runs = [
+        (
+            "plain pydicom read+write",
+            [PYTHON, "-m", "benchmarks.contenders", "plain", str(folder), str(out / "plain")],
+            None,
+        ),
+        (
+            "deid replace_identifiers (naive)",
+            [
+                PYTHON,
+                "-m",
+                "benchmarks.contenders",
+                "deid",
+                str(folder),
+                str(out / "deid"),
+                str(recipe),
+            ],
+            None,
+        ),
+        (
+            "dicognito",
+            [
+                PYTHON,
+                "-m",
+                "benchmarks.contenders",
+                "dicognito",
+                str(folder),
+                str(out / "dicognito"),
+            ],
+            None,
+        ),
+    ]
+    home = _home(work, f"deid-{label}", corpus)
+    runs.append(
+        (
+            "trialpipe deid",
+            [
+                TRIALPIPE,
+                "--home",
+                str(home),
+                "deid",
+                "--protocol",
+                "DEMO-01",
+                "--site",
+                corpus.site_id,
+                "--subject",
+                corpus.subject_id,
+                "--visit",
+                corpus.visit,
+                str(folder),
+                str(out / "trialpipe"),
+            ],
+            None,
+        )
+    )
+    home = _home(work, f"library-{label}", corpus)
+    batch_id = _upload(home, corpus, folder)
+    runs.append(
+        (
+            "trialpipe library pipeline",
+            [PYTHON, "-m", "benchmarks.contenders", "library", str(home), batch_id],
+            None,
+        )
+    )
+    for name, command, env in runs:
+        print(f"  {label}: {name}", file=sys.stderr, flush=True)
+        rows.append({"corpus": label, "contender": name, **_measure(command, env)})
+    return rows
+
+
+def _dag(work: Path, corpus: Corpus, folder: Path, label: str) -> list[dict]:
+    rows = []
+    home = _home(work, f"library-{label}", corpus)
+    batch_id = _upload(home, corpus, folder)
+    print(f"  {label}: library pipeline", file=sys.stderr, flush=True)
+    rows.append(
+        {
+            "corpus": label,
+            "contender": "trialpipe library pipeline",
+            **_measure([PYTHON, "-m", "benchmarks.contenders", "library", str(home), batch_id]),
+        }
+    )
+    home = _home(work, f"dag-{label}", corpus)
+    _upload(home, corpus, folder)
+    print(f"  {label}: Airflow DAG (trialpipe run)", file=sys.stderr, flush=True)
+    rows.append(
+        {
+            "corpus": label,
+            "contender": "trialpipe run (Airflow DAG, embedded)",
+            **_measure([TRIALPIPE, "--home", str(home), "run", "--timeout", "7200"]),
+        }
+    )
+    return rows
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    memory = "?"
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal"):
+            memory = f"{int(line.split()[1]) / 1024 / 1024:.0f} GiB"
+    return (
+        f"{model}, {os.cpu_count()} cores, {memory} RAM, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}"
+    )
+
+
+def _ratios(rows: list[dict], sizes: dict[str, tuple[int, float]]) -> None:
+    floors = {r["corpus"]: r for r in rows if r["contender"].startswith("plain")}
+    for row in rows:
+        files, megabytes = sizes[row["corpus"]]
+        row["files"], row["mb"] = files, megabytes
+        row["files_per_s"] = files / row["wall_s"]
+        row["mb_per_s"] = megabytes / row["wall_s"]
+        floor = floors.get(row["corpus"])
+        if floor:
+            row["x_plain"] = floor["wall_s"] / row["wall_s"]
+            row["x_plain_per_cpu"] = floor["cpu_s"] / row["cpu_s"]
+
+
+def _table(rows: list[dict]) -> str:
+    lines = [
+        "| corpus | contender | files | MB | wall s | CPU s | files/s | MB/s | peak RSS MB "
+        "| × plain (wall) | × plain (per CPU s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = f"{r['x_plain']:.2f}" if "x_plain" in r else "—"
+        per_cpu = f"{r['x_plain_per_cpu']:.2f}" if "x_plain_per_cpu" in r else "—"
+        lines.append(
+            f"| {r['corpus']} | {r['contender']} | {r['files']} | {r['mb']:.0f} | "
+            f"{r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['files_per_s']:.1f} | "
+            f"{r['mb_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {ratio} | {per_cpu} |"
+        )
+    return "\n".join(lines)
+
+
+def _size(folder: Path) -> tuple[int, float]:
+    files = sorted(folder.glob("*.dcm"))
+    return len(files), sum(f.stat().st_size for f in files) / 1e6
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    work = Path(args.work or tempfile.mkdtemp(prefix="trialpipe-bench-"))
+    print(f"generating the corpus under {work}", file=sys.stderr, flush=True)
+    corpus = generate(work / "corpus", max(args.ct, args.dag_files), args.mr, args.small)
+    recipe = _composed_recipe(work)
+    rows: list[dict] = []
+    sizes: dict[str, tuple[int, float]] = {}
+    folders = {f"CT {args.ct}": _subset(corpus.folder("ct"), work / "sets" / "ct", args.ct)}
+    if args.mr:
+        folders[f"MR {args.mr}"] = corpus.folder("mr")
+    if args.small:
+        folders[f"headers {args.small}"] = corpus.folder("small")
+    for label, folder in folders.items():
+        sizes[label] = _size(folder)
+        rows += _contenders(work, corpus, label, folder, recipe)
+    if args.dag_files:
+        label = f"CT batch {args.dag_files}"
+        folder = _subset(corpus.folder("ct"), work / "sets" / "dag", args.dag_files)
+        sizes[label] = _size(folder)
+        rows += _dag(work, corpus, folder, label)
+    _ratios(rows, sizes)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def report(rows: list[dict], command: str) -> str:
+    """docs/benchmarks.md: the table, the machine and the targets' status."""
+    by = {(r["corpus"], r["contender"]): r for r in rows}
+    notes = []
+    for (corpus, contender), row in by.items():
+        if (
+            corpus.startswith("CT ")
+            and not corpus.startswith("CT batch")
+            and contender
+            in (
+                "trialpipe deid",
+                "trialpipe library pipeline",
+            )
+        ):
+            notes.append(
+                f"- {contender} on {corpus}: {row['x_plain_per_cpu']:.2f}× plain per CPU "
+                f"second, {row['x_plain']:.2f}× by wall time (target ≥ 0.5×)."
+            )
+    dag = [r for r in rows if r["corpus"].startswith("CT batch")]
+    if len(dag) == 2:
+        library, airflow = dag
+        notes.append(
+            f"- Airflow DAG on {airflow['corpus']}: {airflow['wall_s'] / library['wall_s']:.2f}× "
+            f"the library pipeline's wall time (target ≤ 1.3×); library peak RSS "
+            f"{library['peak_rss_mb']:.0f} MB."
+        )
+    return (
+        "# Benchmarks\n\n"
+        f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `{command}` on: "
+        f"{_machine()}.\n\n"
+        "Every contender ran in its own process (start-up included) on the same files, in "
+        "one run; ratios are to plain pydicom read+write of the same corpus (higher is "
+        'faster; 1.00 = as fast as plain I/O). "Per CPU s" divides by CPU time instead '
+        "of wall time: per-core throughput. Peak RSS is the largest process.\n\n"
+        + _table(rows)
+        + "\n\n## Against the targets\n\n"
+        + "\n".join(notes)
+        + "\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ct", type=int, default=1000)
+    parser.add_argument("--mr", type=int, default=300)
+    parser.add_argument("--small", type=int, default=500)
+    parser.add_argument("--dag-files", type=int, default=2000)
+    parser.add_argument("--work", help="working folder (default: a new temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the working folder")
+    parser.add_argument("--out", type=Path, help="write the Markdown report here")
+    parser.add_argument("--json", type=Path, help="write the raw measurements here")
+    args = parser.parse_args()
+    rows = run(args)
+    text = report(rows, "make bench" if args.out else "python -m benchmarks.run")
+    if args.out:
+        args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
