@@ -282,7 +282,7 @@ def deidentify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path
             continue
         staged = _staged(home, batch_id, entry.file_no)
         try:
-            atomic.write_with(staged, lambda tmp, ds=ds: write_dicom(ds, tmp))
+            atomic.write_with(staged, lambda tmp, ds=ds: write_dicom(ds, tmp), durable=False)
         except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as error:
             # pydicom read the file but cannot encode it again (a malformed original).
             entry.refuse(Reason.DEID_FAILED, f"cannot be written as DICOM ({type(error).__name__})")
@@ -311,6 +311,7 @@ def deidentify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path
     # Inside the boundary (the claimed batch), for verify: the batch is one patient, so
     # every file's output is searched for every original identifying value of the batch.
     atomic.write_json(_identifying(home, batch_id), sorted(identifying))
+    atomic.sync()  # the staged files, written without a per-file fsync, are on disk now
     log.info("de-identified batch %s: %d files staged", batch_id, len(worklist.in_play()))
     return worklist.save(_state(home, batch_id, "deidentify"))
 
@@ -490,6 +491,7 @@ def route(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
             str(entry.archive_path),
         )
         faults.checkpoint("route")
+    atomic.sync()
     log.info("routed batch %s: %d files archived", batch_id, len(worklist.in_play()))
     return worklist.save(_state(home, batch_id, "route"))
 

@@ -43,6 +43,7 @@ def test_trialpipe_equals_deid_for_the_same_recipe(source, home, protocol):
     from deid.dicom.parser import DicomParser
 
     deidentifier = Deidentifier(home, protocol, SUBJECT)
+    assert deidentifier.compiled.supported  # the compiled fast path is what is compared
     ours = read_dicom(source).dataset
     deidentifier.apply(ours)
 
@@ -55,3 +56,17 @@ def test_trialpipe_equals_deid_for_the_same_recipe(source, home, protocol):
 
     assert _content(ours) == _content(parser.dicom)
     assert ours.file_meta.MediaStorageSOPInstanceUID == parser.dicom.SOPInstanceUID
+
+
+def test_a_recipe_beyond_the_compiled_form_falls_back_to_deids_parser(tmp_path):
+    from deid.config import DeidRecipe
+
+    from pipeline.fastdeid import CompiledRecipe
+
+    plain = tmp_path / "plain.dicom"
+    plain.write_text("FORMAT dicom\n%header\nREMOVE PatientName\nREPLACE StudyDate var:day\n")
+    assert CompiledRecipe(DeidRecipe(str(plain))).supported
+    for line in ("REMOVE contains:Patient", "JITTER StudyDate 1", "REMOVE values:names"):
+        other = tmp_path / "other.dicom"
+        other.write_text(f"FORMAT dicom\n%header\n{line}\n")
+        assert not CompiledRecipe(DeidRecipe(str(other))).supported, line

@@ -128,25 +128,51 @@ def test_two_runs_at_once_process_each_batch_once(staged):
     assert per_batch and all(count == 1 for _, count in per_batch)
 
 
-@pytest.mark.parametrize("step", ["deidentify", "route"])
+def _disk_full_on_the_third(real):
+    calls = []
+
+    def fails(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    return fails
+
+
+def _half_then_full(real):
+    """Writes half the file, then the disk is full (as a real write() fails mid-file)."""
+    calls = []
+
+    def fails(ds, path):
+        calls.append(path)
+        real(ds, path)
+        if len(calls) == 3:
+            data = Path(path).read_bytes()
+            Path(path).write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return fails
+
+
+@pytest.mark.parametrize(
+    ("step", "target", "fault"),
+    [
+        ("deidentify", (batch, "write_dicom"), _half_then_full),  # writing a staged file
+        ("route", (os, "link"), _disk_full_on_the_third),  # linking into the archive
+        ("write_tables", (os, "fsync"), _disk_full_on_the_third),  # a Parquet file
+    ],
+)
 def test_disk_full_fails_the_task_cleanly_and_the_retry_completes(
-    enrolled, trial, monkeypatch, step
+    enrolled, trial, monkeypatch, step, target, fault
 ):
     expected = upload_trial(enrolled, trial)
     batch_id = next(b for b, e in expected.items() if e == "done")
     steps = list(batch.TASKS)
     for earlier in steps[: steps.index(step)]:
         batch.run_task(earlier, batch_id, enrolled)
-    real_fsync = os.fsync
-    calls = []
-
-    def disk_full_on_the_third_write(fd):
-        calls.append(fd)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", disk_full_on_the_third_write)
+    module, name = target
+    monkeypatch.setattr(module, name, fault(getattr(module, name)))
     with pytest.raises(batch.DiskFull) as failure:
         batch.run_task(step, batch_id, enrolled)
     monkeypatch.undo()  # space freed; Airflow retries the task
