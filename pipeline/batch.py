@@ -13,10 +13,21 @@ import json
 import logging
 import os
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline import __version__, atomic, faults, intake, ledger, restricted, rows, tables, zipped
+from pipeline import (
+    __version__,
+    atomic,
+    faults,
+    intake,
+    ledger,
+    parallel,
+    restricted,
+    rows,
+    tables,
+    zipped,
+)
 from pipeline.deidentify import (
     BurnedInAnnotationError,
     DeidentificationError,
@@ -237,66 +248,112 @@ def _recipe_version(protocol_id: str) -> str | None:
     return protocol.recipe_version if protocol else None
 
 
+@dataclass(frozen=True)
+class _DeidJob:
+    """What every worker of a batch's deidentify step shares (inherited, never pickled)."""
+
+    home: DataHome
+    batch_id: str
+    deidentifier: Deidentifier
+    key: bytes
+    anchor: dt.date
+    required: frozenset[str]
+
+
+@dataclass
+class _Deidentified:
+    """One file's result, sent back from a worker: the updated entry and, inside the
+    boundary, what the batch checks need (patient fingerprint, crosswalk, originals'
+    identifying values)."""
+
+    entry: FileEntry
+    fingerprint: str | None = None
+    crosswalk: dict[tuple[str, str], str] = field(default_factory=dict)
+    identifying: frozenset[str] = frozenset()
+
+
+def _deidentify_file(entry: FileEntry) -> _Deidentified:
+    job: _DeidJob = parallel.context()
+    done = _Deidentified(entry)
+    source = original_path(job.home, job.batch_id, entry)
+    if not source.exists():
+        entry.refuse(Reason.FILE_MISSING)
+        return done
+    if entry.sha256 and intake.sha256_file(source) != entry.sha256:
+        entry.refuse(Reason.CHECKSUM_MISMATCH)
+        return done
+    read = read_dicom(source)
+    if read.reason:
+        entry.refuse(read.reason)
+        return done
+    ds = read.dataset
+    done.fingerprint = patient_fingerprint(
+        job.key,
+        str(ds.get("PatientID", "") or ""),
+        str(ds.get("PatientName", "") or ""),
+        str(ds.get("PatientBirthDate", "") or ""),
+    )
+    try:
+        outcome = job.deidentifier.apply(ds)
+    except BurnedInAnnotationError as error:
+        entry.refuse(Reason.BURNED_IN_ANNOTATION, str(error))
+        return done
+    except DeidentificationError as error:
+        entry.refuse(Reason.DEID_FAILED, str(error))
+        return done
+    staged = _staged(job.home, job.batch_id, entry.file_no)
+    try:
+        atomic.write_with(staged, lambda tmp: write_dicom(ds, tmp), durable=False)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as error:
+        # pydicom read the file but cannot encode it again (a malformed original).
+        entry.refuse(Reason.DEID_FAILED, f"cannot be written as DICOM ({type(error).__name__})")
+        return done
+    entry.staged = str(staged.relative_to(job.home.claimed_batch(job.batch_id)))
+    entry.sha256_out = intake.sha256_file(staged)
+    entry.size_out = staged.stat().st_size
+    entry.sop_uid, entry.study_uid, entry.series_uid = (
+        outcome.sop_uid,
+        outcome.study_uid,
+        outcome.series_uid,
+    )
+    # The table row and the required tags come from the de-identified dataset just
+    # written, so validate and write_tables need not parse the file again.
+    row = rows.instance_row(ds, job.anchor)
+    entry.row = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+    entry.required = rows.tag_values(ds, job.required)
+    done.crosswalk, done.identifying = outcome.crosswalk, outcome.identifying
+    return done
+
+
 def deidentify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
-    """De-identify every readable file into ``staged/``; check the batch is one patient,
-    the same patient as the subject's earlier batches."""
+    """De-identify every readable file into ``staged/`` (over worker processes); check
+    the batch is one patient, the same patient as the subject's earlier batches."""
+    from pipeline.validate import required_keywords
+
     worklist = _load(home, batch_id, "claim")
     if worklist.batch_reason:
         return worklist.save(_state(home, batch_id, "deidentify"))
     protocol = load_protocol(worklist.protocol_id)
     enrollee = lookup(home, worklist.protocol_id, worklist.subject_id)
     assert enrollee is not None  # claim refused the batch otherwise
-    deidentifier = Deidentifier(home, protocol, Subject(enrollee, worklist.visit))
-    key = trial_secret(home, protocol.protocol_id)
+    job = _DeidJob(
+        home,
+        batch_id,
+        Deidentifier(home, protocol, Subject(enrollee, worklist.visit)),
+        trial_secret(home, protocol.protocol_id),
+        protocol.date_anchor,
+        frozenset(required_keywords(protocol) | {"Modality"}),
+    )
     fingerprints: set[str] = set()
     crosswalk: dict[tuple[str, str], str] = {}
     identifying: set[str] = set()
-    for entry in worklist.in_play():
-        source = original_path(home, batch_id, entry)
-        if not source.exists():
-            entry.refuse(Reason.FILE_MISSING)
-            continue
-        if entry.sha256 and intake.sha256_file(source) != entry.sha256:
-            entry.refuse(Reason.CHECKSUM_MISMATCH)
-            continue
-        read = read_dicom(source)
-        if read.reason:
-            entry.refuse(read.reason)
-            continue
-        ds = read.dataset
-        fingerprints.add(
-            patient_fingerprint(
-                key,
-                str(ds.get("PatientID", "") or ""),
-                str(ds.get("PatientName", "") or ""),
-                str(ds.get("PatientBirthDate", "") or ""),
-            )
-        )
-        try:
-            outcome = deidentifier.apply(ds)
-        except BurnedInAnnotationError as error:
-            entry.refuse(Reason.BURNED_IN_ANNOTATION, str(error))
-            continue
-        except DeidentificationError as error:
-            entry.refuse(Reason.DEID_FAILED, str(error))
-            continue
-        staged = _staged(home, batch_id, entry.file_no)
-        try:
-            atomic.write_with(staged, lambda tmp, ds=ds: write_dicom(ds, tmp), durable=False)
-        except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as error:
-            # pydicom read the file but cannot encode it again (a malformed original).
-            entry.refuse(Reason.DEID_FAILED, f"cannot be written as DICOM ({type(error).__name__})")
-            continue
-        entry.staged = str(staged.relative_to(home.claimed_batch(batch_id)))
-        entry.sha256_out = intake.sha256_file(staged)
-        entry.size_out = staged.stat().st_size
-        entry.sop_uid, entry.study_uid, entry.series_uid = (
-            outcome.sop_uid,
-            outcome.study_uid,
-            outcome.series_uid,
-        )
-        crosswalk.update(outcome.crosswalk)
-        identifying |= outcome.identifying
+    position = {entry.file_no: n for n, entry in enumerate(worklist.files)}
+    for done in parallel.map_files(_deidentify_file, worklist.in_play(), job):
+        worklist.files[position[done.entry.file_no]] = done.entry
+        if done.fingerprint:
+            fingerprints.add(done.fingerprint)
+        crosswalk.update(done.crosswalk)
+        identifying |= done.identifying
         faults.checkpoint("deidentify")
     if not fingerprints:
         worklist.refuse_batch(Reason.NO_DICOM_IN_BATCH)
@@ -320,22 +377,40 @@ def _identifying(home: DataHome, batch_id: str) -> Path:
     return home.claimed_batch(batch_id) / "state" / "identifying.json"
 
 
+@dataclass(frozen=True)
+class _VerifyJob:
+    home: DataHome
+    batch_id: str
+    values: IdentifyingValues
+
+
+def _verify_file(entry: FileEntry) -> tuple[Reason, str] | None:
+    """The reason and detail to refuse a staged file for, or None when it is clean."""
+    job: _VerifyJob = parallel.context()
+    # Large values (pixels) are not read; every element, trailing ones too, is.
+    staged = job.home.claimed_batch(job.batch_id) / str(entry.staged)
+    output = read_dicom(staged, defer_size=DEFER_ABOVE)
+    if output.dataset is None:
+        return Reason.DEID_FAILED, "de-identified file could not be re-read"
+    hits = residual_phi(job.values, output.dataset)
+    if hits:
+        return Reason.RESIDUAL_PHI, "identifying value left in " + ", ".join(hits)
+    return None
+
+
 def verify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
     """Quarantine any staged file that still holds an identifying value of the originals."""
     worklist = _load(home, batch_id, "deidentify")
-    if worklist.in_play():
+    entries = worklist.in_play()
+    if entries:
         values = IdentifyingValues(frozenset(json.loads(_identifying(home, batch_id).read_text())))
-        for entry in worklist.in_play():
-            # Large values (pixels) are not read; every element, trailing ones too, is.
-            output = read_dicom(
-                home.claimed_batch(batch_id) / str(entry.staged), defer_size=DEFER_ABOVE
-            )
-            if output.dataset is None:
-                entry.refuse(Reason.DEID_FAILED, "de-identified file could not be re-read")
-                continue
-            hits = residual_phi(values, output.dataset)
-            if hits:
-                entry.refuse(Reason.RESIDUAL_PHI, "identifying value left in " + ", ".join(hits))
+        values.prepare()  # compiled once here, inherited by every worker
+        job = _VerifyJob(home, batch_id, values)
+        for entry, refused in zip(
+            entries, parallel.map_files(_verify_file, entries, job), strict=True
+        ):
+            if refused:
+                entry.refuse(*refused)
     log.info("verified batch %s: %d files clean", batch_id, len(worklist.in_play()))
     return worklist.save(_state(home, batch_id, "verify"))
 
@@ -344,25 +419,15 @@ DEFER_ABOVE = 64 * 1024
 
 
 def validate(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
-    """Check the protocol's required tags (Great Expectations, with Data Docs per batch),
-    take each file's table row from its de-identified header, and spot duplicates."""
+    """Check the protocol's required tags (Great Expectations, with Data Docs per batch)
+    on the values deidentify took from each de-identified header; spot duplicates."""
     from pipeline import validate as rules
 
     worklist = _load(home, batch_id, "verify")
     entries = worklist.in_play()
     if entries:
         protocol = load_protocol(worklist.protocol_id)
-        wanted = rules.required_keywords(protocol) | {"Modality"}
-        metadata = []
-        for entry in entries:
-            ds = read_dicom(
-                home.claimed_batch(batch_id) / str(entry.staged), stop_before_pixels=True
-            ).dataset
-            row = rows.instance_row(ds, protocol.date_anchor)
-            entry.row = {
-                k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()
-            }
-            metadata.append({"file_no": entry.file_no, **{k: ds.get(k) for k in wanted if k in ds}})
+        metadata = [{"file_no": entry.file_no, **(entry.required or {})} for entry in entries]
         by_no = {entry.file_no: entry for entry in entries}
         docs = home.qc_report(batch_id)
         for finding in rules.check_batch(protocol, metadata, docs, run_name=batch_id):

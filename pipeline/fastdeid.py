@@ -54,19 +54,6 @@ class _Field:
     children: list[_Field] = field(default_factory=list)
     alive: bool = True
 
-    def spellings(self, named: dict[int, set[str]]) -> set[str]:
-        """Every spelling deid's exact match accepts that a plain recipe field can have:
-        keyword, tag, bare tag, and the dictionary name (``named``: tag -> lower-cased
-        one-word names the recipe uses). Nested names and uids hold "__", which no plain
-        field can, so they never match and are left out."""
-        element = self.element
-        tag = str(element.tag).lower()
-        found = {element.keyword.lower(), tag, tag[1:5] + tag[6:10]}
-        found |= named.get(int(element.tag), set())
-        if self.uid == str(element.tag):
-            found.add(self.name.lower())
-        return found
-
     def kill(self) -> None:
         self.alive = False
         for child in self.children:
@@ -99,6 +86,9 @@ class CompiledRecipe:
         self.kept = {a.field.lower() for a in self.actions if a.action == "KEEP"}
         # Dictionary names that are one word equal to a recipe field (deid matches names).
         wanted = {a.field.lower() for a in self.actions}
+        self.wanted = frozenset(wanted)
+        # tag -> the recipe fields naming it; the same for every file, so found once.
+        self._matches: dict[int, frozenset[str]] = {}
         self.named: dict[int, set[str]] = {}
         for tag, entry in DicomDictionary.items():
             if entry[2].lower() in wanted:
@@ -112,13 +102,27 @@ class CompiledRecipe:
                 if not found:
                     self.supported = False
 
+    def _keys(self, element: DataElement) -> frozenset[str]:
+        """The recipe fields naming ``element`` by a spelling deid's exact match accepts:
+        keyword, tag, bare tag or dictionary name (``named``). A nested element's name
+        and uid hold "__", which no plain field can, so only these spellings can match,
+        and they depend on the tag alone."""
+        tag = element.tag
+        keys = self._matches.get(tag)
+        if keys is None:
+            text = str(tag).lower()
+            spelled = {element.keyword.lower(), text, text[1:5] + text[6:10]}
+            spelled |= self.named.get(int(tag), set())
+            keys = self._matches[tag] = frozenset(spelled & self.wanted)
+        return keys
+
     def apply(self, ds: Dataset, lookup: dict[str, Any]) -> None:
         """Run the recipe on ``ds`` in place, ``lookup`` holding deid's vars and funcs."""
         skip = self.skip | self._kept_tags(ds)
         fields = self._fields(ds, skip)
         index: dict[str, list[_Field]] = {}
         for item in fields.values():
-            for key in item.spellings(self.named):
+            for key in self._keys(item.element):
                 index.setdefault(key, []).append(item)
         protected = {id(f) for name in self.protected for f in index.get(name, [])}
         for action in self.actions:
@@ -157,12 +161,11 @@ class CompiledRecipe:
         if not self.kept:
             return frozenset()
         kept = set()
-        for dataset, is_meta in ((ds, False), (getattr(ds, "file_meta", None), True)):
+        for dataset in (ds, getattr(ds, "file_meta", None)):
             if not dataset:
                 continue
             for element in dataset:
-                probe = _Field(element, element.keyword, str(element.tag), is_meta, dataset)
-                if probe.spellings(self.named) & self.kept:
+                if self._keys(element) & self.kept:
                     kept.add(str(element.tag))
         # Nested matches count too when the same tag also appears at the top level; deid
         # compares the skip list with each element's bare tag, so only top-level uids bite.
@@ -220,5 +223,5 @@ class CompiledRecipe:
         target[element.tag] = element
         item = _Field(element, action.field, uid, is_meta, target)
         fields[uid] = item
-        for key in item.spellings(self.named):
+        for key in self._keys(element):
             index.setdefault(key, []).append(item)

@@ -96,6 +96,20 @@ def instance_row(ds: Dataset, anchor: dt.date) -> dict[str, Any]:
     }
 
 
+def tag_values(ds: Dataset, keywords: frozenset[str]) -> dict[str, Any]:
+    """The values of ``keywords`` present in ``ds``, as JSON text (a list for a multi-valued
+    attribute): what validation compares, kept in the worklist between tasks."""
+    found: dict[str, Any] = {}
+    for keyword in sorted(keywords):
+        if keyword in ds:
+            value = ds[keyword].value
+            multiple = isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
+            found[keyword] = (
+                None if value is None else [str(v) for v in value] if multiple else str(value)
+            )
+    return found
+
+
 # Series columns that take the value most of the series' instances share.
 _SERIES_SHARED = (
     "modality",

@@ -78,6 +78,11 @@ class IdentifyingValues:
     def pattern(self) -> re.Pattern[str] | None:
         return _compile(self.values - self.uids)
 
+    def prepare(self) -> IdentifyingValues:
+        """Compile the search now (before worker processes fork, so each inherits it)."""
+        _ = self.uids, self.pattern
+        return self
+
     def find(self, text: str) -> bool:
         if self.uids and any(token in self.uids for token in _UID.findall(text)):
             return True

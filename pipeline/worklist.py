@@ -36,6 +36,8 @@ class FileEntry:
     archive_path: str | None = None
     findings: list[dict[str, Any]] = field(default_factory=list)
     row: dict[str, Any] | None = None
+    # The protocol's required tags as the de-identified file has them, for validate.
+    required: dict[str, Any] | None = None
     # Zip uploads: the zip is ``expanded`` and its members are files of their own whose
     # ``archive_of`` is the zip's number. The zip itself is kept, not accounted as a file.
     expanded: bool = False

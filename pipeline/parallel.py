@@ -1,0 +1,81 @@
+"""Per-file work spread over worker processes, in order, memory bounded.
+
+A batch task's per-file loop (read, de-identify, write; re-read and search) is CPU-bound
+Python, so threads do not help and processes do. Workers are forked from the task process:
+they inherit what the task built once per batch (a compiled recipe, the trial key, a search
+pattern) without pickling it, and only small per-file results travel back. Nothing is held
+per batch: files are handed out a few at a time and results come back in file order.
+
+``TRIALPIPE_WORKERS`` sets the number of processes (default: the CPUs this process may use);
+1 runs everything in the calling process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+# What the per-file function needs besides its item, set before the workers fork.
+_context: Any = None
+
+
+def workers() -> int:
+    """How many processes a batch task uses for its per-file work."""
+    configured = os.environ.get("TRIALPIPE_WORKERS", "").strip()
+    if configured:
+        return max(1, int(configured))
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def context() -> Any:
+    """The object the task handed to :func:`map_files` (in a worker: inherited by fork)."""
+    return _context
+
+
+def map_files(
+    function: Callable[[Item], Result],
+    items: Iterable[Item],
+    shared: Any,
+    processes: int | None = None,
+) -> Iterator[Result]:
+    """``function(item)`` for every item, in order, over ``processes`` forked workers.
+
+    ``function`` is a module-level function that reads :func:`context` for ``shared``.
+    """
+    global _context
+    items = list(items)
+    count = min(processes or workers(), len(items))
+    _context = shared
+    try:
+        if count <= 1:
+            yield from map(function, items)
+            return
+        # Fork, not spawn: the workers start in milliseconds with the batch's state in
+        # memory, instead of re-importing pydicom and deid and rebuilding the recipe.
+        with ProcessPoolExecutor(
+            count, mp_context=multiprocessing.get_context("fork"), initializer=_die_with_parent
+        ) as pool:
+            yield from pool.map(function, items, chunksize=_chunk(len(items), count))
+    finally:
+        _context = None
+
+
+def _die_with_parent() -> None:
+    # A task process killed with SIGKILL cannot stop its workers; the kernel can.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _chunk(items: int, processes: int) -> int:
+    # Small enough to keep both cores busy to the end, large enough to amortise the pipe.
+    return max(1, min(16, items // (processes * 8)))
