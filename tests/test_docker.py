@@ -474,3 +474,13 @@ def test_the_helm_values_run_the_same_image_executor_and_paths():
 def test_deployment_files_hold_no_literal_key_or_password(name):
     text = (DOCKER / name).read_text()
     assert not re.search(r"[A-Fa-f0-9]{32,}|[A-Za-z0-9_\-]{40,}={0,2}(\s|$)", text)
+
+
+def test_the_deployment_guide_names_every_secret_and_volume_to_create():
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    for secret in _compose()["secrets"].values():
+        name = Path(_interpolate(secret["file"], {"TRIALPIPE_PROTOCOL": "<PROTOCOL>"}))
+        assert f"`{name.relative_to('secrets')}`" in guide, name
+    values = yaml.safe_load((DOCKER / "helm-values.yaml").read_text())
+    for name in (s for s in _strings(values) if s.startswith("trialpipe-")):  # Secrets, PVCs
+        assert f"`{name}`" in guide, name
