@@ -15,12 +15,20 @@ Layout under ``$TRIALPIPE_HOME`` (default ``~/trialpipe-home``)::
     airflow/                             embedded Airflow home: metadata DB, logs
 
 Only inbox/, quarantine/ and restricted/ may ever hold original identifiers.
+
+A deployment keeps its secrets out of the data home and out of the environment:
+``$TRIALPIPE_SECRETS_DIR`` names a read-only folder of per-trial keys (``<protocol>.key``,
+e.g. a mounted Docker or Kubernetes secret), and ``$TRIALPIPE_LEDGER_URL_CMD`` a command that
+prints the ledger's database URL (Airflow's ``_CMD`` convention), so its password stays in a file.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -59,6 +67,7 @@ class DataHome:
 
     root: Path
     ledger_override: str | None = None
+    secrets_override: Path | None = None
 
     @property
     def inbox(self) -> Path:
@@ -104,8 +113,14 @@ class DataHome:
     def restricted_url(self) -> str:
         return f"sqlite:///{self.restricted / 'trial.sqlite'}"
 
+    @property
+    def provides_secrets(self) -> bool:
+        """True when the deployment provides the trial keys (``$TRIALPIPE_SECRETS_DIR``)."""
+        return self.secrets_override is not None
+
     def secret_file(self, protocol_id: str) -> Path:
-        return self.restricted / "secrets" / f"{protocol_id}.key"
+        folder = self.secrets_override or self.restricted / "secrets"
+        return folder / f"{protocol_id}.key"
 
     def batch_upload_dir(self, protocol_id: str, site_id: str, batch_id: str) -> Path:
         return self.inbox / protocol_id / site_id / batch_id
@@ -164,7 +179,23 @@ class DataHome:
 def data_home(root: str | Path | None = None) -> DataHome:
     """The data home at ``root``, else ``$TRIALPIPE_HOME``, else ``~/trialpipe-home``.
 
-    ``$TRIALPIPE_LEDGER_URL`` (a SQLAlchemy URL) moves the ledger to a database server.
+    ``$TRIALPIPE_LEDGER_URL`` (a SQLAlchemy URL), or the output of the command in
+    ``$TRIALPIPE_LEDGER_URL_CMD``, moves the ledger to a database server.
+    ``$TRIALPIPE_SECRETS_DIR`` reads the trial keys from a folder the deployment provides.
     """
     chosen = root or os.environ.get("TRIALPIPE_HOME") or Path.home() / "trialpipe-home"
-    return DataHome(Path(chosen).expanduser().resolve(), os.environ.get("TRIALPIPE_LEDGER_URL"))
+    ledger = os.environ.get("TRIALPIPE_LEDGER_URL")
+    if not ledger and os.environ.get("TRIALPIPE_LEDGER_URL_CMD"):
+        ledger = _command_output(os.environ["TRIALPIPE_LEDGER_URL_CMD"])
+    secrets = os.environ.get("TRIALPIPE_SECRETS_DIR")
+    return DataHome(Path(chosen).expanduser().resolve(), ledger, Path(secrets) if secrets else None)
+
+
+@lru_cache(maxsize=4)
+def _command_output(command: str) -> str:
+    """What ``command`` prints, stripped; run once per process (every task asks again)."""
+    done = subprocess.run(shlex.split(command), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        # The command's output may hold the password it failed to deliver: not repeated here.
+        raise RuntimeError(f"TRIALPIPE_LEDGER_URL_CMD failed with exit code {done.returncode}")
+    return done.stdout.strip()

@@ -1,8 +1,10 @@
 """Keyed pseudonyms: UIDs by HMAC under the trial's secret, per-subject date offsets.
 
-The secret is created once per protocol under ``restricted/secrets/`` and never leaves it.
-The same original always maps to the same pseudonym, so a subject's visits link up across
-batches, while nobody without the secret can recompute or reverse the mapping.
+The secret is created once per protocol under ``restricted/secrets/`` and never leaves it,
+unless the deployment provides the keys (``$TRIALPIPE_SECRETS_DIR``): then each is read from
+there and never created. The same original always maps to the same pseudonym, so a subject's
+visits link up across batches, while nobody without the secret can recompute or reverse the
+mapping.
 """
 
 from __future__ import annotations
@@ -18,9 +20,20 @@ from pathlib import Path
 from pipeline.home import DataHome
 
 
+class MissingTrialSecret(RuntimeError):
+    """The deployment provides the trial keys, but not this protocol's."""
+
+
 def trial_secret(home: DataHome, protocol_id: str) -> bytes:
-    """The per-trial HMAC key, created on first use with owner-only permissions."""
-    return _read_or_create(home.secret_file(protocol_id))
+    """The per-trial HMAC key, created on first use with owner-only permissions.
+
+    A key the deployment provides is only read: workers that each made up their own key
+    would give one subject different pseudonyms, so a missing one stops the task instead.
+    """
+    path = home.secret_file(protocol_id)
+    if home.provides_secrets and not path.exists():
+        raise MissingTrialSecret(f"no trial key {path.name} in $TRIALPIPE_SECRETS_DIR")
+    return _read_or_create(path)
 
 
 @lru_cache(maxsize=16)

@@ -81,3 +81,13 @@ def test_the_synthetic_trial_has_both_arms_and_the_bad_cases(trial):
     expects = {b.expect for b in trial.batches}
     assert {"done", "mixed_patients", "unenrolled_subject"} <= expects
     assert set(trial.batches[0].bad_files.values()) == {"truncated", "not_dicom"}
+
+
+def test_the_ledger_url_can_come_from_a_command_so_its_password_stays_in_a_file(
+    tmp_path, monkeypatch
+):
+    url = "postgresql+psycopg://trialpipe:s3cret@db.example/trialpipe_ledger"
+    (tmp_path / "ledger-url").write_text(url + "\n")
+    monkeypatch.delenv("TRIALPIPE_LEDGER_URL", raising=False)
+    monkeypatch.setenv("TRIALPIPE_LEDGER_URL_CMD", f"cat {tmp_path / 'ledger-url'}")
+    assert data_home(tmp_path / "h").ledger_url == url

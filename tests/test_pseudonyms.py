@@ -1,7 +1,11 @@
 import datetime as dt
 import re
 
+import pytest
+
+from pipeline.home import data_home
 from pipeline.pseudonyms import (
+    MissingTrialSecret,
     date_offset_days,
     patient_fingerprint,
     pseudonymous_uid,
@@ -44,3 +48,26 @@ def test_patient_fingerprint_ignores_case_and_falls_back_to_name_and_birth_date(
     assert patient_fingerprint(key, "", "DOE^JO", "19700101") != patient_fingerprint(
         key, "", "DOE^JO", "19700102"
     )
+
+
+def test_a_trial_key_the_deployment_provides_is_read_not_replaced(home, tmp_path, monkeypatch):
+    provided = tmp_path / "run-secrets"
+    provided.mkdir()
+    (provided / "DEMO-01.key").write_text("ab" * 32 + "\n")
+    monkeypatch.setenv("TRIALPIPE_HOME", str(home.root))
+    monkeypatch.setenv("TRIALPIPE_SECRETS_DIR", str(provided))
+    deployed = data_home()
+    assert trial_secret(deployed, "DEMO-01") == bytes.fromhex("ab" * 32)
+    assert not (home.restricted / "secrets").exists()
+
+
+def test_a_missing_provided_trial_key_stops_instead_of_making_a_new_one(
+    home, tmp_path, monkeypatch
+):
+    provided = tmp_path / "run-secrets"
+    provided.mkdir()
+    monkeypatch.setenv("TRIALPIPE_HOME", str(home.root))
+    monkeypatch.setenv("TRIALPIPE_SECRETS_DIR", str(provided))
+    with pytest.raises(MissingTrialSecret):
+        trial_secret(data_home(), "DEMO-01")
+    assert list(provided.iterdir()) == []
