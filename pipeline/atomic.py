@@ -46,9 +46,9 @@ def write_json(target: Path, payload: Any) -> Path:
     return write_with(target, lambda tmp: tmp.write_text(text + "\n"))
 
 
-def copy_file(source: Path, target: Path) -> Path:
-    """Copy ``source`` to ``target`` atomically."""
-    return write_with(target, lambda tmp: shutil.copyfile(source, tmp))
+def copy_file(source: Path, target: Path, durable: bool = True) -> Path:
+    """Copy ``source`` to ``target`` atomically (``durable``: see :func:`write_with`)."""
+    return write_with(target, lambda tmp: shutil.copyfile(source, tmp), durable)
 
 
 def link_or_copy(source: Path, target: Path) -> Path:

@@ -65,7 +65,7 @@ def deidentify_folder(
             actions = None
             if reason is None and entry.staged:
                 staged = sandbox.claimed_batch(batch_id) / entry.staged
-                atomic.copy_file(staged, output_dir / entry.path)
+                atomic.copy_file(staged, output_dir / entry.path, durable=False)
                 original = batch.original_path(sandbox, batch_id, entry)
                 actions = changes(read_dicom(original).dataset, read_dicom(staged).dataset)
             report_files.append(
@@ -85,6 +85,7 @@ def deidentify_folder(
             "visit": visit,
             "files": report_files,
         }
+        atomic.sync()  # the copies, written without a per-file fsync, before the report
         atomic.write_json(output_dir / REPORT, report)
         return report
     finally:

@@ -116,7 +116,7 @@ def stage_batch(
     for source, relative in sources:
         name = _unique(relative, used)
         target = folder / FILES / name
-        atomic.copy_file(source, target)
+        atomic.copy_file(source, target, durable=False)
         entries.append({"path": name, "sha256": sha256_file(target), "size": target.stat().st_size})
     manifest = {
         "batch_id": batch_id,
@@ -129,6 +129,7 @@ def stage_batch(
         "client": f"trialpipe {__version__}",
         "files": entries,
     }
+    atomic.sync()  # every copied file is on disk before the manifest and READY say so
     atomic.write_json(folder / MANIFEST, manifest)
     if check:  # values checked above; otherwise the claim records what it can trust
         ledger.register_batch(
