@@ -177,3 +177,39 @@ def test_a_file_changed_after_upload_fails_its_checksum(enrolled, trial):
     process(enrolled, batch_id)
     reasons = [f["reason"] for f in ledger.file_rows(enrolled, batch_id) if f["reason"]]
     assert reasons == ["checksum_mismatch"]
+
+
+def test_the_same_instances_with_other_content_are_conflicts_and_quarantined(
+    enrolled, trial, tmp_path
+):
+    import pydicom
+
+    planned = trial.batches[1]
+    first = intake.stage_batch(
+        enrolled, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
+    )
+    process(enrolled, first)
+    before = ledger.file_rows(enrolled, first)
+    archived = sum(f["disposition"] == "archived" for f in before)
+    # The site re-exports the visit: same SOP Instance UIDs, other pixels.
+    resend = tmp_path / "resend"
+    for source in sorted(planned.folder.rglob("*.dcm")):
+        target = resend / source.relative_to(planned.folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds = pydicom.dcmread(source)
+        if "PixelData" in ds:
+            pixels = bytearray(ds.PixelData)
+            pixels[0] ^= 0xFF
+            ds.PixelData = bytes(pixels)
+        ds.save_as(target)
+    second = intake.stage_batch(
+        enrolled, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [resend]
+    )
+    archive = sorted(enrolled.archive.rglob("*.dcm"))
+    process(enrolled, second)
+    after = ledger.file_rows(enrolled, second)
+    reasons = [f["reason"] for f in after if f["disposition"] == "quarantined"]
+    assert archived > 0
+    assert reasons.count(Reason.SOP_INSTANCE_CONFLICT.value) == archived
+    assert not [f for f in after if f["disposition"] in ("archived", "duplicate")]
+    assert sorted(enrolled.archive.rglob("*.dcm")) == archive  # nothing archived twice
