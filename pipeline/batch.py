@@ -15,6 +15,7 @@ import os
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline import (
     __version__,
@@ -27,12 +28,6 @@ from pipeline import (
     rows,
     tables,
     zipped,
-)
-from pipeline.deidentify import (
-    BurnedInAnnotationError,
-    DeidentificationError,
-    Deidentifier,
-    Subject,
 )
 from pipeline.dicomio import read_dicom, write_dicom
 from pipeline.enrollment import lookup
@@ -254,7 +249,7 @@ class _DeidJob:
 
     home: DataHome
     batch_id: str
-    deidentifier: Deidentifier
+    deidentifier: Any  # pipeline.deidentify.Deidentifier (imported by the task, not here)
     key: bytes
     anchor: dt.date
     required: frozenset[str]
@@ -273,6 +268,8 @@ class _Deidentified:
 
 
 def _deidentify_file(entry: FileEntry) -> _Deidentified:
+    from pipeline.deidentify import BurnedInAnnotationError, DeidentificationError
+
     job: _DeidJob = parallel.context()
     done = _Deidentified(entry)
     source = original_path(job.home, job.batch_id, entry)
@@ -328,6 +325,9 @@ def _deidentify_file(entry: FileEntry) -> _Deidentified:
 def deidentify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
     """De-identify every readable file into ``staged/`` (over worker processes); check
     the batch is one patient, the same patient as the subject's earlier batches."""
+    # deid (and the matplotlib it imports) loads here, not in every task that imports
+    # this module: a second saved per Airflow task process.
+    from pipeline.deidentify import Deidentifier, Subject
     from pipeline.validate import required_keywords
 
     worklist = _load(home, batch_id, "claim")
