@@ -29,6 +29,9 @@ from pipeline.home import DataHome, dags_dir
 
 DAG_ID = "trialpipe_ingest"
 COMPACT_DAG_ID = "trialpipe_compact"
+# Every task of the ingest DAG runs in this pool (dags/trialpipe_ingest.py): its slots bound
+# how many batches are processed at once. A deployment creates it (`airflow pools set`).
+INGEST_POOL = "trialpipe_ingest"
 SIMPLE_AUTH_MANAGER = (
     "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 )
@@ -199,6 +202,17 @@ def _migrate() -> None:
     upgradedb()
 
 
+def _ensure_ingest_pool(slots: int) -> None:
+    """Create the ingest pool if missing: Airflow never schedules a task of a pool that does
+    not exist. A pool already there keeps the size someone gave it."""
+    from airflow.models.pool import Pool
+
+    if Pool.get_pool(INGEST_POOL) is None:
+        Pool.create_or_update_pool(
+            INGEST_POOL, slots, "Batches processed at once", include_deferred=False
+        )
+
+
 def _serialize_dags() -> None:
     import argparse
 
@@ -273,6 +287,7 @@ def run_dags(
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = _configure(home, port)
     _migrate()
+    _ensure_ingest_pool(slots=int(env["AIRFLOW__CORE__PARALLELISM"]))
     stack = Components(home, env)  # reaps what a killed earlier run left behind
     _close_abandoned_runs()
     try:

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from pipeline.embedded import INGEST_POOL
 from pipeline.home import dags_dir
 
 FLOW = ["claim", "deidentify", "verify", "validate", "write_tables", "route", "finalize"]
@@ -33,6 +34,13 @@ def test_tasks_are_named_for_the_flow_and_run_in_order(tmp_path, monkeypatch):
         assert dag.get_task(downstream).upstream_task_ids == {upstream}
     assert dag.schedule is None or dag.timetable.summary in ("None", None)
     assert all(t.retries >= 1 for t in dag.tasks)
+
+
+def test_every_ingest_task_runs_in_the_ingest_pool_later_steps_first(tmp_path, monkeypatch):
+    dag = _dagbag(tmp_path, monkeypatch).dags["trialpipe_ingest"]
+    assert {t.pool for t in dag.tasks} == {INGEST_POOL}
+    # A free slot goes to a started batch's next step before a new batch's claim.
+    assert {str(t.weight_rule) for t in dag.tasks} == {"upstream"}
 
 
 def test_compaction_runs_daily_in_a_deployment_and_on_demand_when_embedded(tmp_path, monkeypatch):
