@@ -10,6 +10,7 @@ Needs PostgreSQL (127.0.0.1:5432, trust auth, user postgres) and Redis (127.0.0.
 import datetime as dt
 import itertools
 import os
+import re
 import secrets
 import time
 
@@ -21,7 +22,7 @@ import redis
 from pipeline import db, enrollment, intake, ledger, tables
 from pipeline.cluster import COMPONENTS, Cluster, cluster_env
 from pipeline.embedded import INGEST_POOL, free_port
-from pipeline.home import DataHome, data_home
+from pipeline.home import REPO_ROOT, DataHome, data_home
 from pipeline.protocol import load_protocol
 from pipeline.synth import make_trial
 from pipeline.watch import ingest_run_id
@@ -277,3 +278,16 @@ def test_the_deployment_fits_its_time_bound(deployment):
         f"exit codes {deployment['exit_codes']}"
     )
     assert deployment["total"] < BOUND
+
+
+def test_the_readme_says_how_to_run_this_deployment_by_hand(home):
+    """Every variable the deployment sets, and every component, is in the README's section."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Production mode by hand", 1)[1].split("\n## ", 1)[0]
+    env = cluster_env(home, database_url="", broker_url="", result_backend="", ledger_url="x")
+    env.pop("AIRFLOW__API_AUTH__JWT_SECRET")  # generated per deployment, named below
+    for variable in [*env, "AIRFLOW__API_AUTH__JWT_SECRET"]:
+        assert re.search(rf"\b{variable}=", section), variable
+    for args in COMPONENTS.values():
+        assert f"airflow {' '.join(args[:2] if args[0] == 'celery' else args[:1])}" in section
+    assert f"airflow pools set {INGEST_POOL}" in section
