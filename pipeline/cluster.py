@@ -94,7 +94,10 @@ class Cluster:
 
     def __init__(self, home: DataHome, env: dict[str, str]) -> None:
         self.home = home
-        self.env = {**os.environ, **env}
+        # The deployment is configured by `env` alone, not by Airflow settings this process
+        # inherited (a shell's, or the embedded mode's, which writes them into os.environ).
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+        self.env = {**inherited, **env}
         self.api_url = env["AIRFLOW__API__BASE_URL"]
         self.components: Components | None = None
         self.password = self._api_password()

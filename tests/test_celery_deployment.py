@@ -30,6 +30,10 @@ from tests.conftest import SMALL
 
 POSTGRES = "postgres@127.0.0.1:5432"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+# The test's own Redis database, and a queue per run: tasks of concurrent runs (or of another
+# Celery deployment on this Redis) never meet. Celery's shared bookkeeping (the control and
+# event channels' bindings) stays behind in this one database only.
+REDIS_DB = 13
 BOUND = 360  # seconds: every wait below shares this bound
 STEPS = 7  # tasks of the ingest DAG
 
@@ -103,11 +107,10 @@ def deployment(tmp_path_factory):
     planned = trial.batches[:2]
 
     queue = f"trialpipe-test-{secrets.token_hex(4)}"  # no other worker takes our tasks
-    redis_db = 1 + secrets.randbelow(15)
     env = cluster_env(
         home,
         database_url=f"postgresql+psycopg2://{POSTGRES}/{name}",
-        broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}",
+        broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}",
         result_backend=f"db+postgresql://{POSTGRES}/{name}",
         api_port=free_port(),
         ledger_url=ledger_url,
@@ -128,7 +131,7 @@ def deployment(tmp_path_factory):
         yield _run(Cluster(home, env), home, planned, queue, started, deadline)
     finally:
         db.engine(ledger_url).dispose()
-        _drop(name, queue, redis_db)
+        _drop(name, queue)
 
 
 def _run(cluster, home, planned, queue, started, deadline):
@@ -136,7 +139,16 @@ def _run(cluster, home, planned, queue, started, deadline):
     try:
         # One pool slot, four worker processes: the pool, not the worker, must set the pace.
         cluster.prepare(ingest_slots=1)
-        cluster.start(worker_args=("--queues", queue, "--concurrency", "4"))
+        cluster.start(
+            worker_args=(
+                "--queues",
+                queue,
+                "--concurrency",
+                "4",
+                "--without-gossip",
+                "--without-mingle",
+            )
+        )
         record["pids"] = cluster.pids
         cluster.wait_until_serving(timeout=deadline - time.monotonic())
         api = cluster.api()
@@ -193,10 +205,10 @@ def _session(pid: int) -> int | None:
         return None
 
 
-def _drop(name: str, queue: str, redis_db: int) -> None:
+def _drop(name: str, queue: str) -> None:
     for database in (name, f"{name}_ledger"):
         _admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-    client = redis.Redis(REDIS_HOST, REDIS_PORT, db=redis_db, socket_timeout=5)
+    client = redis.Redis(REDIS_HOST, REDIS_PORT, db=REDIS_DB, socket_timeout=5)
     for key in client.scan_iter(match=f"*{queue}*"):
         client.delete(key)
 
