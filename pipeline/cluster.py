@@ -129,10 +129,19 @@ class Cluster:
             )
         return result.stdout
 
-    def prepare(self, ingest_slots: int) -> None:
-        """Migrate the metadata DB and size the ingest pool, as an operator does once."""
-        self.airflow("db", "migrate")
-        self.airflow("pools", "set", INGEST_POOL, str(ingest_slots), "Batches processed at once")
+    def prepare(self, ingest_slots: int, timeout: float = 600) -> None:
+        """Migrate the metadata DB and size the ingest pool, as an operator does once;
+        ``timeout`` bounds both commands together."""
+        deadline = time.monotonic() + timeout
+        self.airflow("db", "migrate", timeout=timeout)
+        self.airflow(
+            "pools",
+            "set",
+            INGEST_POOL,
+            str(ingest_slots),
+            "Batches processed at once",
+            timeout=max(1.0, deadline - time.monotonic()),
+        )
 
     def start(self, worker_args: tuple[str, ...] = ()) -> None:
         """Start every component; ``worker_args`` go to ``airflow celery worker``."""

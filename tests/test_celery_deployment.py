@@ -138,7 +138,7 @@ def _run(cluster, home, planned, queue, started, deadline):
     record = {"home": home, "planned": planned, "queue": queue}
     try:
         # One pool slot, four worker processes: the pool, not the worker, must set the pace.
-        cluster.prepare(ingest_slots=1)
+        cluster.prepare(ingest_slots=1, timeout=deadline - time.monotonic())
         cluster.start(
             worker_args=(
                 "--queues",
@@ -188,7 +188,7 @@ def _run(cluster, home, planned, queue, started, deadline):
         raise
     finally:
         pids = cluster.pids
-        record["exit_codes"] = cluster.stop(timeout=60)
+        record["exit_codes"] = cluster.stop(timeout=30)  # each takes seconds when healthy
         record["left_behind"] = [
             p.pid for p in psutil.process_iter() if _session(p.pid) in set(pids.values())
         ]
