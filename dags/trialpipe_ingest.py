@@ -6,6 +6,11 @@ Wiring only: every task calls the function of the same name in ``pipeline.batch`
 batch ID (and the DAG run ID, for the audit ledger) and returns the path that function
 wrote. Imports of the pipeline happen inside the
 tasks so the DAG file parses fast. Nothing but batch IDs and paths passes through XCom.
+
+Every task runs in the ``trialpipe_ingest`` pool (``pipeline.embedded.INGEST_POOL``): its
+slots, set by the deployment, bound how many batches are processed at once, so a burst of
+uploads queues instead of taking the cluster. Later steps outrank earlier ones for a free
+slot (``weight_rule="upstream"``), so started batches finish before new ones are claimed.
 """
 
 from __future__ import annotations
@@ -32,8 +37,12 @@ def _run_step(step: str) -> str:
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
     is_paused_upon_creation=False,
-    max_active_runs=4,
-    default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=5)},
+    default_args={
+        "retries": 2,
+        "retry_delay": dt.timedelta(seconds=5),
+        "pool": "trialpipe_ingest",
+        "weight_rule": "upstream",
+    },
     tags=["trialpipe"],
 )
 def trialpipe_ingest() -> None:

@@ -29,22 +29,28 @@ from pipeline.home import DataHome, dags_dir
 
 DAG_ID = "trialpipe_ingest"
 COMPACT_DAG_ID = "trialpipe_compact"
+# Every task of the ingest DAG runs in this pool (dags/trialpipe_ingest.py): its slots bound
+# how many batches are processed at once. A deployment creates it (`airflow pools set`).
+INGEST_POOL = "trialpipe_ingest"
 SIMPLE_AUTH_MANAGER = (
     "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 )
 
 
 class EmbeddedAirflowError(RuntimeError):
-    """The embedded Airflow could not start or did not finish in time."""
+    """Airflow started by trialpipe (embedded, or a ``pipeline.cluster`` deployment) could not
+    start or did not finish in time."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _jwt_secret(home: DataHome) -> str:
+def jwt_secret(home: DataHome) -> str:
+    """The secret Airflow's components sign their JWTs with, made once per data home."""
     path = home.restricted / "secrets" / "airflow-jwt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +76,7 @@ def airflow_env(home: DataHome, port: int) -> dict[str, str]:
         "AIRFLOW__CORE__PARALLELISM": "4",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__API_AUTH__JWT_SECRET": _jwt_secret(home),
+        "AIRFLOW__API_AUTH__JWT_SECRET": jwt_secret(home),
         "AIRFLOW__API_AUTH__JWT_ISSUER": "trialpipe-embedded",
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(port),
@@ -83,7 +89,7 @@ def airflow_env(home: DataHome, port: int) -> dict[str, str]:
         "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         # Airflow runs here only while a command does: compaction runs by `trialpipe compact`.
         "TRIALPIPE_COMPACT_SCHEDULE": "",
     }
@@ -107,8 +113,11 @@ def _kill_sessions(sessions: dict[int, float]) -> None:
                 process.kill()
 
 
-class _Stack:
-    """Airflow components as child processes, stopped (with their task processes) on exit."""
+class Components:
+    """Airflow components as child processes, stopped (with their task processes) on exit.
+
+    Used by the embedded mode and by the multi-process deployment (``pipeline.cluster``).
+    """
 
     def __init__(self, home: DataHome, env: dict[str, str]) -> None:
         self.env = {**os.environ, **env}
@@ -153,15 +162,18 @@ class _Stack:
                     f"see {self.logs / (name + '.log')}"
                 )
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> dict[str, int]:
+        """SIGTERM each component, wait, kill what is left of their sessions; return each
+        component's exit code (negative: the signal that ended it)."""
         import psutil
 
         sessions = {}
         for process in self.procs.values():
             with contextlib.suppress(psutil.Error):
                 sessions[process.pid] = psutil.Process(process.pid).create_time()
-        # The scheduler first: its task processes still need the api-server to finish.
-        for name in ("scheduler", "dag-processor", "api-server"):
+        # The scheduler first, so nothing new is queued; the api-server last: running task
+        # processes (a Celery worker's too, which finishes them on SIGTERM) still need it.
+        for name in ("scheduler", "triggerer", "dag-processor", "celery-worker", "api-server"):
             process = self.procs.get(name)
             if process and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -172,6 +184,7 @@ class _Stack:
                     process.wait()
         _kill_sessions(sessions)
         self.pidfile.unlink(missing_ok=True)
+        return {name: process.wait() for name, process in self.procs.items()}
 
 
 def _configure(home: DataHome, port: int) -> dict[str, str]:
@@ -189,6 +202,17 @@ def _migrate() -> None:
     upgradedb()
 
 
+def _ensure_ingest_pool(slots: int) -> None:
+    """Create the ingest pool if missing: Airflow never schedules a task of a pool that does
+    not exist. A pool already there keeps the size someone gave it."""
+    from airflow.models.pool import Pool
+
+    if Pool.get_pool(INGEST_POOL) is None:
+        Pool.create_or_update_pool(
+            INGEST_POOL, slots, "Batches processed at once", include_deferred=False
+        )
+
+
 def _serialize_dags() -> None:
     import argparse
 
@@ -197,7 +221,7 @@ def _serialize_dags() -> None:
     dag_reserialize(argparse.Namespace(bundle_name=None))
 
 
-def _wait_for(check, stack: _Stack, deadline: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def _wait_for(check, stack: Components, deadline: float, what: str) -> None:  # type: ignore[no-untyped-def]
     while True:
         stack.check_alive()
         if check():
@@ -259,11 +283,12 @@ def run_dags(
 ) -> dict[str, str]:
     """Start Airflow, trigger each ``(dag_id, run_id, conf)``, wait until every run is
     terminal, stop Airflow; return ``{run_id: state}``."""
-    port = _free_port()
+    port = free_port()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = _configure(home, port)
     _migrate()
-    stack = _Stack(home, env)  # reaps what a killed earlier run left behind
+    _ensure_ingest_pool(slots=int(env["AIRFLOW__CORE__PARALLELISM"]))
+    stack = Components(home, env)  # reaps what a killed earlier run left behind
     _close_abandoned_runs()
     try:
         stack.start(

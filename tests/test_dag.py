@@ -7,7 +7,9 @@ import time
 
 import pytest
 
+from pipeline.embedded import INGEST_POOL
 from pipeline.home import dags_dir
+from pipeline.watch import ReadyBatchTrigger
 
 FLOW = ["claim", "deidentify", "verify", "validate", "write_tables", "route", "finalize"]
 
@@ -23,7 +25,7 @@ def _dagbag(tmp_path, monkeypatch):
 def test_the_dag_folder_imports_without_errors(tmp_path, monkeypatch):
     bag = _dagbag(tmp_path, monkeypatch)
     assert bag.import_errors == {}
-    assert sorted(bag.dags) == ["trialpipe_compact", "trialpipe_ingest"]
+    assert sorted(bag.dags) == ["trialpipe_compact", "trialpipe_ingest", "trialpipe_intake"]
 
 
 def test_tasks_are_named_for_the_flow_and_run_in_order(tmp_path, monkeypatch):
@@ -35,6 +37,27 @@ def test_tasks_are_named_for_the_flow_and_run_in_order(tmp_path, monkeypatch):
     assert all(t.retries >= 1 for t in dag.tasks)
 
 
+def test_every_ingest_task_runs_in_the_ingest_pool_later_steps_first(tmp_path, monkeypatch):
+    dag = _dagbag(tmp_path, monkeypatch).dags["trialpipe_ingest"]
+    assert {t.pool for t in dag.tasks} == {INGEST_POOL}
+    # A free slot goes to a started batch's next step before a new batch's claim.
+    assert {str(t.weight_rule) for t in dag.tasks} == {"upstream"}
+
+
+def test_the_intake_dag_runs_on_the_inbox_watchers_events(tmp_path, monkeypatch):
+    dag = _dagbag(tmp_path, monkeypatch).dags["trialpipe_intake"]
+    (inbox,) = dag.timetable.asset_condition.objects
+    (watcher,) = inbox.watchers
+    assert isinstance(watcher.trigger, ReadyBatchTrigger)
+    assert dag.max_active_runs == 1
+    trigger = dag.get_task("trigger_ingest")
+    assert trigger.upstream_task_ids == {"announced_batches"}
+    assert trigger.partial_kwargs["trigger_dag_id"] == "trialpipe_ingest"
+    assert trigger.partial_kwargs["skip_when_already_exists"] is True
+    assert trigger.partial_kwargs["openlineage_inject_parent_info"] is False
+    assert trigger.pool != INGEST_POOL  # triggering must not wait behind the batches
+
+
 def test_compaction_runs_daily_in_a_deployment_and_on_demand_when_embedded(tmp_path, monkeypatch):
     dag = _dagbag(tmp_path, monkeypatch).dags["trialpipe_compact"]
     assert dag.schedule == "@daily" and dag.max_active_runs == 1
@@ -43,14 +66,18 @@ def test_compaction_runs_daily_in_a_deployment_and_on_demand_when_embedded(tmp_p
     assert dag.schedule is None
 
 
-@pytest.mark.parametrize("dag_file", ["trialpipe_ingest.py", "trialpipe_compact.py"])
+@pytest.mark.parametrize(
+    "dag_file", ["trialpipe_ingest.py", "trialpipe_compact.py", "trialpipe_intake.py"]
+)
 def test_parsing_a_dag_file_does_not_import_the_pipeline(tmp_path, dag_file):
-    """Heavy imports (pydicom, deid, Great Expectations) belong inside the tasks."""
+    """Heavy imports (pydicom, deid, Great Expectations) belong inside the tasks. The one
+    pipeline module a DAG file may import is the inbox watcher's trigger (stdlib and
+    Airflow only): an asset watcher needs the trigger instance at parse time."""
     code = (
         "import sys, runpy; runpy.run_path(sys.argv[1]);"
-        "heavy = [m for m in ('pipeline', 'pydicom', 'deid', 'great_expectations', 'pandas',"
-        " 'pyarrow', 'duckdb')"
-        " if m in sys.modules]; print(','.join(heavy))"
+        "heavy = [m for m in sys.modules if m in ('pydicom', 'deid', 'great_expectations',"
+        " 'pandas', 'pyarrow', 'duckdb') or (m.startswith('pipeline.')"
+        " and m != 'pipeline.watch')]; print(','.join(sorted(heavy)))"
     )
     started = time.monotonic()
     result = subprocess.run(

@@ -314,11 +314,6 @@ print(json.dumps({"failed": failed, "celery_app_module": app is not None}))
     assert "/usr/local/bin/trialpipe-secret" in installed  # the program every *_CMD runs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="celery 5.7.0 (constraints.txt) no longer has celery.backends.database.retry, which "
-    "apache-airflow-providers-celery 3.26.0 imports; celery 5.6.3 has it",
-)
 def test_the_pinned_celery_executor_loads_for_the_scheduler_and_workers(tmp_path):
     done = _airflow_python(
         "from airflow.providers.celery.executors.celery_executor import app; print(app.main)",
