@@ -12,6 +12,7 @@ per batch: files are handed out a few at a time and results come back in file or
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -60,12 +61,33 @@ def map_files(
             return
         # Fork, not spawn: the workers start in milliseconds with the batch's state in
         # memory, instead of re-importing pydicom and deid and rebuilding the recipe.
-        with ProcessPoolExecutor(
-            count, mp_context=multiprocessing.get_context("fork"), initializer=_die_with_parent
-        ) as pool:
+        with (
+            _children_allowed(),
+            ProcessPoolExecutor(
+                count, mp_context=multiprocessing.get_context("fork"), initializer=_die_with_parent
+            ) as pool,
+        ):
             yield from pool.map(function, items, chunksize=_chunk(len(items), count))
     finally:
         _context = None
+
+
+@contextlib.contextmanager
+def _children_allowed() -> Iterator[None]:
+    """Let a daemonic process (a Celery worker's task) start the pool.
+
+    multiprocessing refuses because a daemon is killed at exit without joining children,
+    which would be orphaned. These cannot be: the pool is joined when the task's loop ends,
+    and the kernel kills each worker when its parent dies (``_die_with_parent``).
+    """
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    daemon = config.get("daemon")
+    config["daemon"] = False
+    try:
+        yield
+    finally:
+        if daemon is not None:
+            config["daemon"] = daemon
 
 
 def _die_with_parent() -> None:

@@ -213,3 +213,45 @@ def test_the_same_instances_with_other_content_are_conflicts_and_quarantined(
     assert reasons.count(Reason.SOP_INSTANCE_CONFLICT.value) == archived
     assert not [f for f in after if f["disposition"] in ("archived", "duplicate")]
     assert sorted(enrolled.archive.rglob("*.dcm")) == archive  # nothing archived twice
+
+
+def test_worker_processes_change_nothing_but_the_speed(tmp_path, protocol, trial, monkeypatch):
+    """The same batch through one process and through two gives the same archive, bytes
+    and dispositions (same trial key in both homes, so the same pseudonyms)."""
+    from pipeline import enrollment, pseudonyms
+    from pipeline.home import data_home
+
+    results = []
+    for processes in ("1", "2"):
+        monkeypatch.setenv("TRIALPIPE_WORKERS", processes)
+        home = data_home(tmp_path / f"home-{processes}").ensure()
+        enrollment.import_csv(home, protocol, trial.enrollment_csv)
+        secret = home.secret_file("DEMO-01")
+        if results:  # the second home gets the first one's key
+            secret.parent.mkdir(parents=True, exist_ok=True)
+            secret.write_bytes(key)
+        pseudonyms.trial_secret(home, "DEMO-01")  # made on first use in the first home
+        key = secret.read_bytes()
+        for planned in trial.batches[:3]:
+            process(
+                home,
+                intake.stage_batch(
+                    home,
+                    "DEMO-01",
+                    planned.site_id,
+                    planned.subject_id,
+                    planned.visit,
+                    [planned.folder],
+                    check=False,
+                ),
+            )
+        archive = {
+            path.relative_to(home.archive).as_posix(): path.read_bytes()
+            for path in home.archive.rglob("*.dcm")
+        }
+        dispositions = sorted(
+            (f["disposition"], f["reason"] or "", f["sha256_out"] or "")
+            for f in ledger.file_rows(home)
+        )
+        results.append((archive, dispositions))
+    assert results[0][0] and results[0] == results[1]
