@@ -222,12 +222,13 @@ def test_worker_processes_change_nothing_but_the_speed(tmp_path, protocol, trial
     from pipeline.home import data_home
 
     results = []
+    key = b""
     for processes in ("1", "2"):
         monkeypatch.setenv("TRIALPIPE_WORKERS", processes)
         home = data_home(tmp_path / f"home-{processes}").ensure()
         enrollment.import_csv(home, protocol, trial.enrollment_csv)
         secret = home.secret_file("DEMO-01")
-        if results:  # the second home gets the first one's key
+        if key:  # the second home gets the first one's key
             secret.parent.mkdir(parents=True, exist_ok=True)
             secret.write_bytes(key)
         pseudonyms.trial_secret(home, "DEMO-01")  # made on first use in the first home
