@@ -157,6 +157,16 @@ def test_archive_and_tables_land_in_the_bucket_and_duckdb_reads_them_back(
     batches = query.run(s3_home, "SELECT count(*) FROM batches").rows
     assert batches == [(len(ledger.batch_rows(s3_home)),)]
     assert tables.read_table(s3_home, "instances").num_rows == len(archived)
+    # A statistician's command, configured by the environment alone, in a process of its own.
+    command = [sys.executable, "-m", "pipeline.cli", "--home", str(s3_home.root), "query"]
+    cli = subprocess.run(
+        [*command, "--format", "csv", "SELECT count(*) AS images FROM instances"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (cli.returncode, cli.stdout.split()) == (0, ["images", str(len(archived))]), cli.stderr
 
     copy = tmp_path / "bucket-copy"
     bucket.fs.get(f"{bucket.name}/", str(copy), recursive=True)
