@@ -26,6 +26,7 @@ from pipeline import (
     parallel,
     restricted,
     rows,
+    store,
     tables,
     zipped,
 )
@@ -541,12 +542,14 @@ def write_tables(home: DataHome, batch_id: str, run_id: str | None = None) -> Pa
 
 
 def route(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
-    """Copy each verified, validated file into its arm archive (atomic, idempotent)."""
+    """Copy each verified, validated file into its arm archive (atomic, idempotent), on
+    the data home's disk or an object store: a file whose archived copy has the same
+    SHA-256 is not written again."""
     worklist = _load(home, batch_id, "tables")
     for entry in worklist.in_play():
         target = home.archive / str(entry.archive_path)
-        if not (target.exists() and intake.sha256_file(target) == entry.sha256_out):
-            atomic.link_or_copy(home.claimed_batch(batch_id) / str(entry.staged), target)
+        if store.sha256(target) != entry.sha256_out:
+            store.put_file(home.claimed_batch(batch_id) / str(entry.staged), target)
         ledger.claim_archive_slot(
             home,
             str(entry.sop_uid),

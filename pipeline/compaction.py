@@ -9,6 +9,10 @@ A crash between the rename and the deletions leaves a batch's rows twice; the ne
 compaction or batch rewrite in that partition first heals this, since a batch file next to a
 compacted file that lists the same batch can only be such a leftover: rewriting a batch
 always takes it out of compacted files first (:func:`pipeline.tables.write_batch`).
+
+On an object store the same steps hold: the compacted object appears whole on its upload
+(there is no rename), then the batch objects are deleted, and the same healing covers a
+crash in between. The lock is the data home's, as for every table writer.
 """
 
 from __future__ import annotations
@@ -18,13 +22,12 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline import tables
+from pipeline import store, tables
 from pipeline.home import DataHome
+from pipeline.store import Location
 
 log = logging.getLogger("trialpipe.compaction")
 
@@ -42,13 +45,13 @@ class Compacted:
     rows: int
 
 
-def _batch_files(folder: Path) -> list[Path]:
-    return sorted(
+def _batch_files(folder: Location) -> list[Location]:
+    return tables.ordered(
         p for p in folder.glob("*.parquet") if not p.name.startswith(tables.COMPACTED_PREFIX)
     )
 
 
-def compact_partition(home: DataHome, table: str, folder: Path) -> Compacted | None:
+def compact_partition(home: DataHome, table: str, folder: Location) -> Compacted | None:
     """Merge the batch files of one partition folder; None when there is nothing to do."""
     with tables.locked(home, table, exclusive=True):
         tables.heal(folder)
@@ -56,7 +59,7 @@ def compact_partition(home: DataHome, table: str, folder: Path) -> Compacted | N
         if len(inputs) < MIN_FILES:
             return None
         schema = tables.TABLES[table]
-        merged = pa.concat_tables([pq.read_table(p, schema=schema) for p in inputs])
+        merged = pa.concat_tables([tables.read_parquet(p, schema) for p in inputs])
         merged = merged.sort_by([("batch_id", "ascending")])
         batches = sorted(p.stem for p in inputs)
         digest = hashlib.sha256("\n".join(batches).encode()).hexdigest()[:16]
@@ -67,7 +70,7 @@ def compact_partition(home: DataHome, table: str, folder: Path) -> Compacted | N
         tables.write_parquet(target, merged.replace_schema_metadata(metadata))
         for path in inputs:
             path.unlink()
-    partition = folder.relative_to(home.parquet / table).as_posix()
+    partition = store.relative(folder, home.parquet / table)
     log.info("compacted %s/%s: %d files, %d rows", table, partition, len(inputs), len(merged))
     return Compacted(table, partition, len(inputs), merged.num_rows)
 
@@ -77,7 +80,7 @@ def compact_all(home: DataHome) -> list[Compacted]:
     done = []
     for table in tables.TABLES:
         root = home.parquet / table
-        for folder in sorted(root.glob("protocol=*/site=*")) if root.exists() else []:
+        for folder in tables.ordered(root.glob("protocol=*/site=*")) if root.exists() else []:
             result = compact_partition(home, table, folder)
             if result is not None:
                 done.append(result)

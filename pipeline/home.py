@@ -16,6 +16,11 @@ Layout under ``$TRIALPIPE_HOME`` (default ``~/trialpipe-home``)::
 
 Only inbox/, quarantine/ and restricted/ may ever hold original identifiers.
 
+The archive and the tables, which hold none, may live elsewhere: ``$TRIALPIPE_ARCHIVE_URL``
+and ``$TRIALPIPE_TABLES_URL`` take a local path or an fsspec URL such as
+``s3://bucket/prefix`` (see :mod:`pipeline.store`). Everything else, the tables' locks
+included, stays under the data home, which must be a POSIX filesystem.
+
 A deployment keeps its secrets out of the data home and out of the environment:
 ``$TRIALPIPE_SECRETS_DIR`` names a read-only folder of per-trial keys (``<protocol>.key``,
 e.g. a mounted Docker or Kubernetes secret), and ``$TRIALPIPE_LEDGER_URL_CMD`` a command that
@@ -30,6 +35,8 @@ import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from pipeline.store import Location, location
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
@@ -68,6 +75,8 @@ class DataHome:
     root: Path
     ledger_override: str | None = None
     secrets_override: Path | None = None
+    archive_url: str | None = None
+    tables_url: str | None = None
 
     @property
     def inbox(self) -> Path:
@@ -86,12 +95,19 @@ class DataHome:
         return self.root / "restricted"
 
     @property
-    def archive(self) -> Path:
-        return self.root / "archive"
+    def archive(self) -> Location:
+        """The arm archive: ``archive/`` here, or ``$TRIALPIPE_ARCHIVE_URL``."""
+        return location(self.archive_url) if self.archive_url else self.root / "archive"
 
     @property
-    def parquet(self) -> Path:
-        return self.root / "parquet"
+    def parquet(self) -> Location:
+        """The Parquet tables: ``parquet/`` here, or ``$TRIALPIPE_TABLES_URL``."""
+        return location(self.tables_url) if self.tables_url else self.root / "parquet"
+
+    @property
+    def table_locks(self) -> Path:
+        """The tables' lock files: always in the data home (an object store has no locks)."""
+        return self.root / "parquet" / ".locks"
 
     @property
     def reports(self) -> Path:
@@ -137,7 +153,7 @@ class DataHome:
     def quarantined_batch(self, batch_id: str) -> Path:
         return self.quarantine / batch_id
 
-    def table_file(self, table: str, protocol_id: str, site_id: str, batch_id: str) -> Path:
+    def table_file(self, table: str, protocol_id: str, site_id: str, batch_id: str) -> Location:
         return (
             self.parquet
             / table
@@ -155,22 +171,25 @@ class DataHome:
         study: str,
         series: str,
         instance: str,
-    ) -> Path:
+    ) -> Location:
         return (
             self.archive / protocol_id / arm / subject / visit / study / series / f"{instance}.dcm"
         )
 
     def ensure(self) -> DataHome:
-        """Create the top-level folders (restricted/ readable by the owner only)."""
+        """Create the top-level folders (restricted/ readable by the owner only); an
+        archive or tables on an object store need none (its bucket must exist)."""
         for path in (
             self.inbox,
             self.claimed,
             self.quarantine,
             self.archive,
             self.parquet,
+            self.table_locks.parent,
             self.airflow,
         ):
-            path.mkdir(parents=True, exist_ok=True)
+            if isinstance(path, Path):
+                path.mkdir(parents=True, exist_ok=True)
         self.restricted.mkdir(parents=True, exist_ok=True)
         os.chmod(self.restricted, 0o700)
         return self
@@ -182,13 +201,21 @@ def data_home(root: str | Path | None = None) -> DataHome:
     ``$TRIALPIPE_LEDGER_URL`` (a SQLAlchemy URL), or the output of the command in
     ``$TRIALPIPE_LEDGER_URL_CMD``, moves the ledger to a database server.
     ``$TRIALPIPE_SECRETS_DIR`` reads the trial keys from a folder the deployment provides.
+    ``$TRIALPIPE_ARCHIVE_URL`` and ``$TRIALPIPE_TABLES_URL`` move the archive and the
+    tables (a path or an fsspec URL, e.g. ``s3://bucket/prefix``).
     """
     chosen = root or os.environ.get("TRIALPIPE_HOME") or Path.home() / "trialpipe-home"
     ledger = os.environ.get("TRIALPIPE_LEDGER_URL")
     if not ledger and os.environ.get("TRIALPIPE_LEDGER_URL_CMD"):
         ledger = _command_output(os.environ["TRIALPIPE_LEDGER_URL_CMD"])
     secrets = os.environ.get("TRIALPIPE_SECRETS_DIR")
-    return DataHome(Path(chosen).expanduser().resolve(), ledger, Path(secrets) if secrets else None)
+    return DataHome(
+        Path(chosen).expanduser().resolve(),
+        ledger,
+        Path(secrets) if secrets else None,
+        os.environ.get("TRIALPIPE_ARCHIVE_URL") or None,
+        os.environ.get("TRIALPIPE_TABLES_URL") or None,
+    )
 
 
 @lru_cache(maxsize=4)

@@ -3,6 +3,10 @@
 ``instances``, ``series``, ``batches`` and ``qc_findings`` read every partition (protocol and
 site become columns) of the data home; a table with no file yet is an empty view with the
 documented columns, so a query written today works on an empty trial too.
+
+Tables on an object store are read through their fsspec filesystem (s3fs for ``s3://``),
+registered with DuckDB: no DuckDB extension is needed (httpfs would be downloaded at run
+time), and the credentials and endpoint are the pipeline's own.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from pipeline import tables
+from pipeline import store, tables
 from pipeline.home import DataHome
 
 
@@ -38,6 +42,8 @@ def connect(home: DataHome) -> Iterator[duckdb.DuckDBPyConnection]:
             stack.enter_context(tables.locked(home, table, exclusive=False))
         con = duckdb.connect(":memory:")
         stack.callback(con.close)
+        if not store.is_local(home.parquet):
+            con.register_filesystem(home.parquet.fs)
         for table, schema in tables.TABLES.items():
             files = tables.table_files(home, table)
             if files:

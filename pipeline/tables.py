@@ -8,8 +8,10 @@ their key-value metadata; rewriting a batch first takes its rows out of any comp
 so "one batch, one set of rows" holds before and after compaction.
 
 Writers and compaction hold the table's exclusive lock; readers in trialpipe hold it shared,
-so a query never sees a half-compacted partition. Only de-identified values reach a row.
-docs/data-dictionary.md documents every column; a test pins the schemas to it.
+so a query never sees a half-compacted partition. The tables may live on an object store
+(``$TRIALPIPE_TABLES_URL``, :mod:`pipeline.store`): every file is then one object, written
+whole under its final key, and the locks stay in the data home. Only de-identified values
+reach a row. docs/data-dictionary.md documents every column; a test pins the schemas to it.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import atomic
+from pipeline import store
 from pipeline.home import DataHome
+from pipeline.store import Location
 
 PARTITIONS = pa.schema([pa.field("protocol", pa.string()), pa.field("site", pa.string())])
 # Partition value for a batch whose protocol or site could not be trusted (batches table).
@@ -167,7 +169,7 @@ TABLES: dict[str, pa.Schema] = {
 @contextlib.contextmanager
 def locked(home: DataHome, table: str, exclusive: bool) -> Iterator[None]:
     """Hold the table's lock: exclusive to change files, shared to read them."""
-    lock_file = home.parquet / ".locks" / f"{table}.lock"
+    lock_file = home.table_locks / f"{table}.lock"
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -177,14 +179,15 @@ def locked(home: DataHome, table: str, exclusive: bool) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def partition_dir(home: DataHome, table: str, protocol_id: str, site_id: str) -> Path:
+def partition_dir(home: DataHome, table: str, protocol_id: str, site_id: str) -> Location:
     """The folder of one hive partition of ``table``."""
     return home.table_file(table, protocol_id, site_id, "x").parent
 
 
-def compacted_batches(path: Path) -> list[str]:
+def compacted_batches(path: Location) -> list[str]:
     """The batch IDs a compacted file holds (from its key-value metadata)."""
-    metadata = pq.read_schema(path).metadata or {}
+    with path.open("rb") as handle:
+        metadata = pq.read_schema(handle).metadata or {}
     return list(json.loads(metadata.get(BATCHES_KEY, b"[]")))
 
 
@@ -206,9 +209,16 @@ def _converter(kind: pa.DataType) -> Any:
     return lambda v: v
 
 
-def write_parquet(path: Path, arrow: pa.Table) -> Path:
-    """Write one table file atomically, compressed, deterministic for the same rows."""
-    return atomic.write_with(path, lambda tmp: pq.write_table(arrow, tmp, compression="zstd"))
+def write_parquet(path: Location, arrow: pa.Table) -> Location:
+    """Write one table file whole (atomically), compressed, deterministic for the same rows."""
+    store.write_with(path, lambda handle: pq.write_table(arrow, handle, compression="zstd"))
+    return path
+
+
+def read_parquet(path: Location, schema: pa.Schema | None = None) -> pa.Table:
+    """One table file as an Arrow table."""
+    with path.open("rb") as handle:
+        return pq.read_table(handle, schema=schema)
 
 
 def write_batch(
@@ -218,7 +228,7 @@ def write_batch(
     site_id: str,
     batch_id: str,
     rows: list[dict[str, Any]],
-) -> Path | None:
+) -> Location | None:
     """Make ``rows`` the batch's rows of ``table``, replacing any earlier run's, whether
     they sit in the batch's own file or were compacted (no rows: the batch has none)."""
     arrow = to_arrow(table, rows)
@@ -227,7 +237,7 @@ def write_batch(
         folder = target.parent
         if folder.exists():
             heal(folder)
-            for compacted in sorted(folder.glob(f"{COMPACTED_PREFIX}*.parquet")):
+            for compacted in ordered(folder.glob(f"{COMPACTED_PREFIX}*.parquet")):
                 if batch_id in compacted_batches(compacted):
                     _drop_batch(compacted, batch_id)
         if not rows:
@@ -236,11 +246,11 @@ def write_batch(
         return write_parquet(target, arrow)
 
 
-def heal(folder: Path) -> int:
+def heal(folder: Location) -> int:
     """Delete batch files whose rows a compacted file already holds (left by a compaction
     interrupted between its rename and its deletions); return how many. Hold the lock."""
     removed = 0
-    for compacted in sorted(folder.glob(f"{COMPACTED_PREFIX}*.parquet")):
+    for compacted in ordered(folder.glob(f"{COMPACTED_PREFIX}*.parquet")):
         for batch_id in compacted_batches(compacted):
             leftover = folder / f"{batch_id}.parquet"
             if leftover.exists():
@@ -249,10 +259,10 @@ def heal(folder: Path) -> int:
     return removed
 
 
-def _drop_batch(compacted: Path, batch_id: str) -> None:
+def _drop_batch(compacted: Location, batch_id: str) -> None:
     import pyarrow.compute as pc
 
-    data = pq.read_table(compacted)
+    data = read_parquet(compacted)
     kept = data.filter(pc.not_equal(data["batch_id"], batch_id))
     batches = [b for b in compacted_batches(compacted) if b != batch_id]
     if not batches:
@@ -262,12 +272,17 @@ def _drop_batch(compacted: Path, batch_id: str) -> None:
     write_parquet(compacted, kept.replace_schema_metadata(metadata))
 
 
-def table_files(home: DataHome, table: str) -> list[Path]:
+def table_files(home: DataHome, table: str) -> list[Location]:
     """Every data file of ``table`` (temporary files excluded)."""
     folder = home.parquet / table
     if not folder.exists():
         return []
-    return sorted(p for p in folder.glob("protocol=*/site=*/*.parquet"))
+    return ordered(folder.glob("protocol=*/site=*/*.parquet"))
+
+
+def ordered(paths: Iterable[Location]) -> list[Location]:
+    """``paths`` in path order (as ``sorted`` orders local paths), for any location."""
+    return sorted(paths, key=lambda path: tuple(path.parts))
 
 
 def read_table(home: DataHome, table: str) -> pa.Table:
@@ -279,11 +294,14 @@ def read_table(home: DataHome, table: str) -> pa.Table:
         files = table_files(home, table)
         if not files:
             return schema.empty_table()
+        root = home.parquet / table
+        local = store.is_local(root)
         dataset = pads.dataset(
-            [str(f) for f in files],
+            [str(f) if local else f.path for f in files],
             schema=schema,
             format="parquet",
             partitioning=pads.partitioning(PARTITIONS, flavor="hive"),
-            partition_base_dir=str(home.parquet / table),
+            partition_base_dir=str(root) if local else root.path,
+            filesystem=None if local else root.fs,
         )
         return dataset.to_table()

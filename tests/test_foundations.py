@@ -91,3 +91,17 @@ def test_the_ledger_url_can_come_from_a_command_so_its_password_stays_in_a_file(
     monkeypatch.delenv("TRIALPIPE_LEDGER_URL", raising=False)
     monkeypatch.setenv("TRIALPIPE_LEDGER_URL_CMD", f"cat {tmp_path / 'ledger-url'}")
     assert data_home(tmp_path / "h").ledger_url == url
+
+
+def test_archive_and_tables_stay_in_the_data_home_unless_a_url_moves_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRIALPIPE_ARCHIVE_URL", raising=False)
+    monkeypatch.delenv("TRIALPIPE_TABLES_URL", raising=False)
+    home = data_home(tmp_path / "h")
+    assert (home.archive, home.parquet) == (home.root / "archive", home.root / "parquet")
+    monkeypatch.setenv("TRIALPIPE_ARCHIVE_URL", str(tmp_path / "nfs" / "archive"))
+    monkeypatch.setenv("TRIALPIPE_TABLES_URL", f"file://{tmp_path / 'nfs' / 'tables'}")
+    moved = data_home(tmp_path / "h").ensure()
+    assert moved.archive == (tmp_path / "nfs" / "archive").resolve()
+    assert moved.parquet == (tmp_path / "nfs" / "tables").resolve()
+    assert moved.archive.is_dir() and moved.parquet.is_dir()
+    assert moved.table_locks == moved.root / "parquet" / ".locks"  # locks stay home

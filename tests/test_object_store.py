@@ -1,0 +1,233 @@
+"""Archive and tables on an object store: a real S3 endpoint (moto's server, a process of its
+own on 127.0.0.1), real s3fs, real DuckDB. The batches run through the DAG's task functions
+in-process, as in test_batch_flow."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import batch, compaction, enrollment, intake, ledger, query, store, tables
+from pipeline.demo import upload_trial
+from pipeline.embedded import free_port
+from pipeline.home import DataHome, data_home
+from tests.conftest import phi_leaks
+from tests.test_batch_flow import process
+from tests.test_tables import _row
+
+STARTUP_SECONDS = 60
+TABLE_KEY = re.compile(
+    r"^(instances|series|batches|qc_findings)/protocol=[^/]+/site=[^/]+/[^/]+\.parquet$"
+)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server on a free port of 127.0.0.1, stopped after the module's tests."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log, "wb") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_serving(endpoint, server, log)
+        yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+
+
+def _wait_until_serving(endpoint: str, server: subprocess.Popen, log: Path) -> None:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"moto server exited with {server.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with direct.open(f"{endpoint}/", timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # an HTTP answer, whatever its status: the server is up
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"moto server not serving after {STARTUP_SECONDS} s: {log.read_text()[-2000:]}")
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The test's bucket, read directly with s3fs (not through the pipeline)."""
+
+    name: str
+    fs: Any
+
+    def objects(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Key below ``prefix`` -> the object's listing (ETag, size, LastModified)."""
+        found = self.fs.find(f"{self.name}/{prefix}", detail=True)
+        return {key.removeprefix(f"{self.name}/{prefix}/"): info for key, info in found.items()}
+
+    def read(self, key: str) -> bytes:
+        return self.fs.cat_file(f"{self.name}/{key}")
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Bucket:
+    """A fresh bucket; the archive and the tables configured into it by environment."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "NO_PROXY": "127.0.0.1",
+        "no_proxy": "127.0.0.1",
+        store.ENDPOINT_VARIABLE: s3_endpoint,
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    name = f"trialpipe-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("TRIALPIPE_ARCHIVE_URL", f"s3://{name}/archive")
+    monkeypatch.setenv("TRIALPIPE_TABLES_URL", f"s3://{name}/tables")
+    fs = store.location(f"s3://{name}").fs
+    fs.mkdir(name)
+    return Bucket(name, fs)
+
+
+@pytest.fixture
+def s3_home(bucket: Bucket, tmp_path: Path, protocol, trial) -> DataHome:
+    """A data home whose archive and tables are in the bucket, the trial enrolled."""
+    home = data_home(tmp_path / "home").ensure()
+    assert not store.is_local(home.archive) and not store.is_local(home.parquet)
+    enrollment.import_csv(home, protocol, trial.enrollment_csv)
+    return home
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_archive_and_tables_land_in_the_bucket_and_duckdb_reads_them_back(
+    s3_home, bucket, trial, tmp_path
+):
+    for batch_id in upload_trial(s3_home, trial):
+        process(s3_home, batch_id)
+    archived = [f for f in ledger.file_rows(s3_home) if f["disposition"] == "archived"]
+    assert archived
+    archive = bucket.objects("archive")
+    assert sorted(archive) == sorted(f["archive_path"] for f in archived)
+    for f in archived:
+        assert _sha256(bucket.read(f"archive/{f['archive_path']}")) == f["sha256_out"]
+    assert not (s3_home.root / "archive").exists()  # nothing archived on the local disk
+
+    table_keys = bucket.objects("tables")
+    assert table_keys and all(TABLE_KEY.match(key) for key in table_keys)
+    assert {key.split("/")[0] for key in table_keys} >= {"instances", "series", "batches"}
+    assert sorted(p.name for p in (s3_home.root / "parquet").iterdir()) == [".locks"]
+
+    by_arm = Counter(path.split("/")[1] for path in archive)
+    counts = query.run(s3_home, "SELECT arm, count(*) FROM instances GROUP BY arm ORDER BY arm")
+    assert counts.rows == sorted(by_arm.items())
+    paths = query.run(s3_home, "SELECT archive_path, sha256, protocol, site FROM instances")
+    assert {(p, s) for p, s, _, _ in paths.rows} == {
+        (f["archive_path"], f["sha256_out"]) for f in archived
+    }
+    assert {(p, s) for _, _, p, s in paths.rows} <= {("DEMO-01", b.site_id) for b in trial.batches}
+    batches = query.run(s3_home, "SELECT count(*) FROM batches").rows
+    assert batches == [(len(ledger.batch_rows(s3_home)),)]
+    assert tables.read_table(s3_home, "instances").num_rows == len(archived)
+    # A statistician's command, configured by the environment alone, in a process of its own.
+    command = [sys.executable, "-m", "pipeline.cli", "--home", str(s3_home.root), "query"]
+    cli = subprocess.run(
+        [*command, "--format", "csv", "SELECT count(*) AS images FROM instances"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (cli.returncode, cli.stdout.split()) == (0, ["images", str(len(archived))]), cli.stderr
+
+    copy = tmp_path / "bucket-copy"
+    bucket.fs.get(f"{bucket.name}/", str(copy), recursive=True)
+    assert sum(1 for p in copy.rglob("*") if p.is_file()) == len(archive) + len(table_keys)
+    assert phi_leaks(copy, trial.phi_values(), boundary=()) == []
+
+
+def test_rerun_of_a_batch_adds_no_rows_or_objects(s3_home, bucket, trial):
+    planned = trial.batches[1]
+    batch_id = intake.stage_batch(
+        s3_home, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
+    )
+    for step in ("claim", "deidentify", "verify", "validate", "write_tables", "route"):
+        batch.run_task(step, batch_id, s3_home)
+    archive, table_keys = bucket.objects("archive"), bucket.objects("tables")
+    rows = query.run(s3_home, "SELECT count(*) FROM instances").rows
+    assert archive and rows == [(len(archive),)]
+
+    # Airflow retries of tasks that had done their work but not yet recorded it.
+    batch.write_tables(s3_home, batch_id)
+    batch.route(s3_home, batch_id)
+    batch.run_task("finalize", batch_id, s3_home)
+    process(s3_home, batch_id)  # the whole batch again: finalized, a no-op
+
+    assert bucket.objects("archive") == archive  # the same objects, none uploaded again
+    again = bucket.objects("tables")
+    assert {k: v["ETag"] for k, v in again.items() if not k.startswith("batches/")} == {
+        k: v["ETag"] for k, v in table_keys.items()
+    }
+    assert query.run(s3_home, "SELECT count(*) FROM instances").rows == rows
+    assert query.run(s3_home, "SELECT count(*) FROM batches").rows == [(1,)]
+    assert ledger.batch_row(s3_home, batch_id)["state"] == "done"
+
+
+def test_compaction_on_the_object_store_changes_no_query_result(s3_home, bucket):
+    for n, site in ((1, "SITE-01"), (2, "SITE-01"), (3, "SITE-02"), (4, "SITE-01")):
+        rows = [_row(n * 10 + i, batch_id=f"b{n}") for i in range(3)]
+        tables.write_batch(s3_home, "instances", "DEMO-01", site, f"b{n}", rows)
+    everything = "SELECT * FROM instances ORDER BY sop_instance_uid"
+    before = query.run(s3_home, everything).rows
+
+    done = compaction.compact_all(s3_home)
+
+    assert [(c.partition, c.files_merged) for c in done] == [("protocol=DEMO-01/site=SITE-01", 3)]
+    site_01 = [k for k in bucket.objects("tables") if "site=SITE-01/" in k]
+    assert len(site_01) == 1 and site_01[0].split("/")[-1].startswith("compacted-")
+    assert query.run(s3_home, everything).rows == before
+    tables.write_batch(s3_home, "instances", "DEMO-01", "SITE-01", "b2", [_row(99, batch_id="b2")])
+    counts = query.run(s3_home, "SELECT batch_id, count(*) FROM instances GROUP BY 1 ORDER BY 1")
+    assert counts.rows == [("b1", 3), ("b2", 1), ("b3", 3), ("b4", 3)]
+    assert tables.read_table(s3_home, "instances").num_rows == 10
+
+
+def test_a_write_that_fails_half_way_leaves_no_object(s3_home, bucket):
+    target = s3_home.table_file("instances", "DEMO-01", "SITE-01", "b1")
+
+    def broken(handle):
+        handle.write(b"PAR1 half a table")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        store.write_with(target, broken)
+    assert bucket.objects("tables") == {}
+    assert not target.exists()
