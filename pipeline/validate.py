@@ -13,6 +13,7 @@ and each batch's ``static`` is a link to it.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import uuid
@@ -163,7 +164,10 @@ def check_batch(
             )
         )
         outcome = checkpoint.run(
-            batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name)
+            batch_parameters={"dataframe": frame},
+            # The run time is given: without it GX parses the run name as a date, and a
+            # batch ID such as 20261125T145720-9619ad0a reads as a time zone 96 hours off.
+            run_id=RunIdentifier(run_name=run_name, run_time=dt.datetime.now(dt.UTC)),
         )
         for result in outcome.run_results.values():
             findings.extend(_findings(result, meta, modality))
