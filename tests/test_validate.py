@@ -96,5 +96,6 @@ def test_data_docs_render_the_failures_and_a_rerun_replaces_them(protocol, tmp_p
 def test_a_batch_id_that_reads_like_a_date_and_time_zone_validates(protocol, tmp_path):
     # GX parses a run name as a date when no run time is given: this batch ID would be
     # 2026-11-25 14:57:20 at UTC-96:19, which no clock has.
-    rows = [{"file_no": 0, "Modality": "US"}]
-    assert check_batch(protocol, rows, tmp_path / "docs", run_name="20261125T145720-9619ad0a") == []
+    rows = [{"file_no": 0, "Modality": "CT"}]  # CT has rules: the suite runs
+    findings = check_batch(protocol, rows, tmp_path / "docs", run_name="20261125T145720-9619ad0a")
+    assert {f.reason for f in findings} == {Reason.MISSING_REQUIRED_TAG}
