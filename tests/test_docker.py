@@ -329,6 +329,21 @@ def test_every_airflow_service_uses_the_celery_executor():
         assert service["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
 
 
+def test_the_deployment_creates_every_pool_the_dags_use():
+    # Airflow never schedules a task whose pool does not exist: a pool named in a DAG and
+    # missing from airflow-init would leave every batch queued forever.
+    used = set()
+    for dag_file in (ROOT / "dags").glob("*.py"):
+        used |= set(re.findall(r"[\"']pool[\"']\s*:\s*[\"'](\w+)[\"']", dag_file.read_text()))
+        used |= set(re.findall(r"pool\s*=\s*[\"'](\w+)[\"']", dag_file.read_text()))
+    init = " ".join(_compose()["services"]["airflow-init"]["command"])
+    created = set(re.findall(r"airflow pools set (\w+) ", init))
+    assert "trialpipe_ingest" in used
+    assert used <= created
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    assert all(f"airflow pools set {pool} " in guide for pool in used)
+
+
 def test_workers_scale_with_docker_compose_up_scale():
     worker = _compose()["services"]["worker"]
     assert "container_name" not in worker
