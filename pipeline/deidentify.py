@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 import yaml
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -174,7 +175,9 @@ class Deidentifier:
 
     def apply(self, ds: FileDataset) -> Outcome:
         """De-identify ``ds`` in place; raise :class:`DeidentificationError` on failure."""
-        original = identifying_values(ds, self.composed.kept)
+        as_read = _AsRead(ds)
+        original = identifying_values(ds, self.composed.kept)  # decodes every element
+        as_read.decoded(ds)
         outcome = Outcome("", "", "", identifying=original.values)
         patient_id = str(ds.get("PatientID", "") or "").strip()
         if patient_id:
@@ -201,6 +204,7 @@ class Deidentifier:
             _get_fields_inner.cache_clear()
             bot.history.clear()
         self._stamp(result, outcome.cleaned_pixels)
+        as_read.restore(result)
         outcome.study_uid = str(result.get("StudyInstanceUID", ""))
         outcome.series_uid = str(result.get("SeriesInstanceUID", ""))
         outcome.sop_uid = str(result.get("SOPInstanceUID", ""))
@@ -286,6 +290,42 @@ class Deidentifier:
         ):
             if keyword in meta:
                 delattr(meta, keyword)
+
+
+class _AsRead:
+    """A dataset's top-level elements as read, still encoded, so that those
+    de-identification leaves unchanged are written back as the same bytes.
+
+    Writing a decoded element means encoding it again, which costs several times writing
+    the bytes it was read from, and most of a header comes through unchanged. Sequences are
+    never put back (their items are de-identified one by one), and nothing is when the
+    character set changed, since the bytes were decoded under it.
+    """
+
+    def __init__(self, ds: Dataset) -> None:
+        self.encoded = dict(ds._dict)
+        self.values: dict[Any, tuple[Any, Any]] = {}
+        self.charset: Any = None
+
+    def decoded(self, ds: Dataset) -> None:
+        """Note each element's decoded value (call once every element has been decoded)."""
+        for tag, element in ds._dict.items():
+            if isinstance(self.encoded.get(tag), RawDataElement) and element.VR != "SQ":
+                self.values[tag] = (element, _copy(element.value))
+        self.charset = _copy(ds.get("SpecificCharacterSet"))
+
+    def restore(self, ds: Dataset) -> None:
+        """Put the bytes as read back for every element whose value is unchanged."""
+        if _copy(ds.get("SpecificCharacterSet")) != self.charset:
+            return
+        for tag, (element, value) in self.values.items():
+            # pydicom assigns a new value to the same element object: compare values.
+            if ds._dict.get(tag) is element and _copy(element.value) == value:
+                ds._dict[tag] = self.encoded[tag]
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, MultiValue) else value
 
 
 def remove_structural(ds: Dataset, safe: tuple[SafePrivate, ...] = ()) -> None:
