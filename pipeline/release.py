@@ -2,7 +2,8 @@
 after a fix (the subject enrolled, the intruding image left behind, the recipe or the
 protocol's range corrected).
 
-The released originals move from ``quarantine/<batch>/`` into a new upload batch in the
+The released originals move from ``quarantine/<batch>/`` (or the quarantine's object
+store, from which they are downloaded and then deleted) into a new upload batch in the
 inbox, whose manifest names the batch and file number each came from; the next ingest run
 (``trialpipe run``, or the intake sensor in a deployment) judges them afresh. The ledger
 records the release on both sides: each file's latest event in the old batch becomes
@@ -15,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 
-from pipeline import atomic, intake, ledger, quarantine
+from pipeline import atomic, intake, ledger, quarantine, store
 from pipeline.batch import refresh_batch_counts
 from pipeline.home import DataHome
 from pipeline.protocol import ProtocolError, load_protocol
@@ -78,7 +79,7 @@ def release(
     entries = []
     for item in chosen:
         moved = target / intake.FILES / item["path"]
-        atomic.move_file(folder / intake.FILES / item["path"], moved)
+        store.move_to_local(folder / intake.FILES / item["path"], moved)
         entries.append(
             {
                 "path": item["path"],
@@ -136,7 +137,7 @@ def release(
         if item in chosen:
             item["released_to"] = new_id
             item["present"] = False
-    atomic.write_json(folder / quarantine.RECORD, record)
+    store.write_json(folder / quarantine.RECORD, record)
     refresh_batch_counts(home, batch_id)
     atomic.write_bytes(target / intake.READY, b"")
     return new_id, len(entries)
