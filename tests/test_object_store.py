@@ -294,6 +294,9 @@ def test_quarantine_on_the_object_store_holds_the_originals_until_released(
     assert {(f["reason"], f["present"]) for f in record["files"]} == {("unenrolled_subject", True)}
     assert quarantine.read_record(home, batch_id) == record
     assert not (home.root / "quarantine" / batch_id).exists()  # nothing of it on local disk
+    held_copy = tmp_path / "held"
+    bucket.fs.get(f"{bucket.name}/quarantine/", str(held_copy), recursive=True)
+    assert phi_leaks(held_copy, trial.phi_values(), boundary=())  # the originals, PHI and all
     assert not home.claimed_batch(batch_id).exists()
 
     assert main(["--home", str(home.root), "quarantine", "list", "--json"]) == 0
@@ -327,3 +330,8 @@ def test_quarantine_on_the_object_store_holds_the_originals_until_released(
         assert _sha256(bucket.read(f"archive/{f['archive_path']}")) == f["sha256_out"]
     assert main(["--home", str(home.root), "quarantine", "list"]) == 0
     assert batch_id not in capsys.readouterr().out
+
+    copy = tmp_path / "bucket-copy"
+    bucket.fs.get(f"{bucket.name}/", str(copy), recursive=True)
+    assert phi_leaks(copy, trial.phi_values(), boundary=("quarantine",)) == []
+    assert phi_leaks(home.root, trial.phi_values()) == []
