@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+from pathlib import Path
 
 from pipeline import atomic, intake, ledger, quarantine, store
 from pipeline.batch import refresh_batch_counts
@@ -76,9 +77,11 @@ def release(
         raise ReleaseRefused(f"batch {batch_id} has no quarantined file left to release")
     new_id = intake.new_batch_id()
     target = home.batch_upload_dir(record["protocol_id"], record["site_id"], new_id)
+    # An upload area on an object store takes the batch once it is built, READY last.
+    building = Path(target) if store.is_local(target) else home.claimed / f".release-{new_id}"
     entries = []
     for item in chosen:
-        moved = target / intake.FILES / item["path"]
+        moved = building / intake.FILES / item["path"]
         store.move_to_local(folder / intake.FILES / item["path"], moved)
         entries.append(
             {
@@ -100,7 +103,7 @@ def release(
         "released_from": batch_id,
         "files": entries,
     }
-    atomic.write_json(target / intake.MANIFEST, manifest)
+    atomic.write_json(building / intake.MANIFEST, manifest)
     ledger.register_batch(
         home,
         new_id,
@@ -139,5 +142,9 @@ def release(
             item["present"] = False
     store.write_json(folder / quarantine.RECORD, record)
     refresh_batch_counts(home, batch_id)
-    atomic.write_bytes(target / intake.READY, b"")
+    if store.is_local(target):
+        atomic.write_bytes(building / intake.READY, b"")
+    else:
+        intake.upload_folder(building, target)
+        intake.remove_tree(building)
     return new_id, len(entries)

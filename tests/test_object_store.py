@@ -22,7 +22,18 @@ from typing import Any
 
 import pytest
 
-from pipeline import batch, compaction, enrollment, intake, ledger, quarantine, query, store, tables
+from pipeline import (
+    batch,
+    compaction,
+    enrollment,
+    intake,
+    ledger,
+    quarantine,
+    query,
+    store,
+    tables,
+    watch,
+)
 from pipeline.cli import main
 from pipeline.demo import upload_trial
 from pipeline.embedded import free_port
@@ -124,14 +135,28 @@ def s3_home(bucket: Bucket, tmp_path: Path, protocol, trial) -> DataHome:
     return _enrolled_home(tmp_path, protocol, trial)
 
 
-@pytest.fixture
+@pytest.fixture(params=["local inbox", "inbox in the bucket"])
 def s3_quarantine_home(
-    bucket: Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, protocol, trial
+    request, bucket: Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, protocol, trial
 ) -> DataHome:
-    """As ``s3_home``, the quarantine in the bucket too."""
+    """As ``s3_home``, the quarantine in the bucket too, and the inbox in the data home
+    or in the bucket (where a release then uploads its batch)."""
     monkeypatch.setenv("TRIALPIPE_QUARANTINE_URL", f"s3://{bucket.name}/quarantine")
+    if request.param == "inbox in the bucket":
+        monkeypatch.setenv("TRIALPIPE_INBOX_URL", f"s3://{bucket.name}/inbox")
     home = _enrolled_home(tmp_path, protocol, trial)
     assert not store.is_local(home.quarantine)
+    return home
+
+
+@pytest.fixture
+def s3_inbox_home(
+    bucket: Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, protocol, trial
+) -> DataHome:
+    """As ``s3_home``, the upload area in the bucket too."""
+    monkeypatch.setenv("TRIALPIPE_INBOX_URL", f"s3://{bucket.name}/inbox")
+    home = _enrolled_home(tmp_path, protocol, trial)
+    assert not store.is_local(home.inbox) and store.is_local(home.claimed)
     return home
 
 
@@ -335,3 +360,70 @@ def test_quarantine_on_the_object_store_holds_the_originals_until_released(
     bucket.fs.get(f"{bucket.name}/", str(copy), recursive=True)
     assert phi_leaks(copy, trial.phi_values(), boundary=("quarantine",)) == []
     assert phi_leaks(home.root, trial.phi_values()) == []
+
+
+def test_an_upload_to_the_bucket_inbox_is_claimed_processed_and_leaves_nothing_there(
+    s3_inbox_home, bucket, trial
+):
+    home = s3_inbox_home
+    planned = trial.batches[1]
+    batch_id = intake.stage_batch(
+        home, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
+    )
+    uploaded = bucket.objects(f"inbox/DEMO-01/{planned.site_id}/{batch_id}")
+    manifest = json.loads(bucket.read(f"inbox/DEMO-01/{planned.site_id}/{batch_id}/manifest.json"))
+    assert sorted(uploaded) == sorted(
+        [intake.READY, intake.MANIFEST, *(f"{intake.FILES}/{f['path']}" for f in manifest["files"])]
+    )
+    assert not (home.root / "inbox" / "DEMO-01").exists()  # nothing uploaded to the disk
+    assert [b.batch_id for b in intake.ready_batches(home)] == [batch_id]
+    assert watch.ready_batch_ids(str(home.root)) == [batch_id]
+
+    # A claim cut off half-way left a download short: the next claim downloads again.
+    first = manifest["files"][0]["path"]
+    cut = home.claimed / f".{batch_id}.partial" / intake.FILES / first
+    cut.parent.mkdir(parents=True)
+    cut.write_bytes(b"DICM cut short")
+    process(home, batch_id)
+
+    assert ledger.batch_row(home, batch_id)["state"] == "done"
+    assert bucket.objects("inbox") == {}  # the batch's objects are gone
+    assert intake.ready_batches(home) == [] and watch.ready_batch_ids(str(home.root)) == []
+    assert list(home.claimed.iterdir()) == []  # no partial download, no lock file left
+    archive = bucket.objects("archive")
+    archived = [f for f in ledger.file_rows(home, batch_id) if f["disposition"] == "archived"]
+    assert archive and len(archive) == len(archived)
+    rows = query.run(home, "SELECT count(*) FROM instances").rows
+
+    process(home, batch_id)  # a rerun: finalized, a no-op
+    assert bucket.objects("archive") == archive and bucket.objects("inbox") == {}
+    assert query.run(home, "SELECT count(*) FROM instances").rows == rows
+    assert ledger.batch_row(home, batch_id)["state"] == "done"
+
+
+def test_a_file_the_site_corrupted_in_the_bucket_inbox_is_quarantined_not_stuck(
+    s3_inbox_home, bucket, trial
+):
+    home = s3_inbox_home
+    planned = trial.batches[1]
+    batch_id = intake.stage_batch(
+        home, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
+    )
+    prefix = f"inbox/DEMO-01/{planned.site_id}/{batch_id}"
+    manifest = json.loads(bucket.read(f"{prefix}/{intake.MANIFEST}"))
+    corrupted = manifest["files"][0]["path"]
+    bucket.fs.pipe_file(f"{bucket.name}/{prefix}/{intake.FILES}/{corrupted}", b"not the upload")
+
+    batch.run_task("claim", batch_id, home)
+    # A claim cut off while deleting the objects (READY went first): the retry deletes the rest.
+    bucket.fs.pipe_file(f"{bucket.name}/{prefix}/{intake.MANIFEST}", json.dumps(manifest).encode())
+    assert intake.ready_batches(home) == []
+    intake.claim(home, batch_id)
+    assert bucket.objects("inbox") == {}
+    process(home, batch_id)  # claimed already: the claim task finds its worklist
+
+    files = {f["file_no"]: f for f in ledger.file_rows(home, batch_id)}
+    refused = [f for f in files.values() if f["disposition"] == "quarantined"]
+    assert [f["reason"] for f in refused] == ["checksum_mismatch"]
+    assert sum(f["disposition"] == "archived" for f in files.values()) == len(files) - 1
+    assert ledger.batch_row(home, batch_id)["state"] == "done"
