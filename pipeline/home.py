@@ -18,8 +18,11 @@ Only inbox/, quarantine/ and restricted/ may ever hold original identifiers.
 
 The archive and the tables, which hold none, may live elsewhere: ``$TRIALPIPE_ARCHIVE_URL``
 and ``$TRIALPIPE_TABLES_URL`` take a local path or an fsspec URL such as
-``s3://bucket/prefix`` (see :mod:`pipeline.store`). Everything else, the tables' locks
-included, stays under the data home, which must be a POSIX filesystem.
+``s3://bucket/prefix`` (see :mod:`pipeline.store`). So may the quarantine
+(``$TRIALPIPE_QUARANTINE_URL``) and the upload area (``$TRIALPIPE_INBOX_URL``), whose
+locations must then be as private as the restricted store: they hold originals. Everything
+else, the claimed batches and the tables' locks included, stays under the data home, which
+must be a POSIX filesystem.
 
 A deployment keeps its secrets out of the data home and out of the environment:
 ``$TRIALPIPE_SECRETS_DIR`` names a read-only folder of per-trial keys (``<protocol>.key``,
@@ -77,18 +80,23 @@ class DataHome:
     secrets_override: Path | None = None
     archive_url: str | None = None
     tables_url: str | None = None
+    quarantine_url: str | None = None
+    inbox_url: str | None = None
 
     @property
-    def inbox(self) -> Path:
-        return self.root / "inbox"
+    def inbox(self) -> Location:
+        """The upload area: ``inbox/`` here, or ``$TRIALPIPE_INBOX_URL``."""
+        return location(self.inbox_url) if self.inbox_url else self.root / "inbox"
 
     @property
     def claimed(self) -> Path:
-        return self.inbox / ".claimed"
+        """Claimed batches: always in the data home, whose renames and locks decide a claim."""
+        return self.root / "inbox" / ".claimed"
 
     @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine"
+    def quarantine(self) -> Location:
+        """Refused originals: ``quarantine/`` here, or ``$TRIALPIPE_QUARANTINE_URL``."""
+        return location(self.quarantine_url) if self.quarantine_url else self.root / "quarantine"
 
     @property
     def restricted(self) -> Path:
@@ -138,7 +146,7 @@ class DataHome:
         folder = self.secrets_override or self.restricted / "secrets"
         return folder / f"{protocol_id}.key"
 
-    def batch_upload_dir(self, protocol_id: str, site_id: str, batch_id: str) -> Path:
+    def batch_upload_dir(self, protocol_id: str, site_id: str, batch_id: str) -> Location:
         return self.inbox / protocol_id / site_id / batch_id
 
     def claimed_batch(self, batch_id: str) -> Path:
@@ -150,7 +158,7 @@ class DataHome:
     def batch_record(self, batch_id: str) -> Path:
         return self.root / "batches" / f"{batch_id}.json"
 
-    def quarantined_batch(self, batch_id: str) -> Path:
+    def quarantined_batch(self, batch_id: str) -> Location:
         return self.quarantine / batch_id
 
     def table_file(self, table: str, protocol_id: str, site_id: str, batch_id: str) -> Location:
@@ -177,8 +185,8 @@ class DataHome:
         )
 
     def ensure(self) -> DataHome:
-        """Create the top-level folders (restricted/ readable by the owner only); an
-        archive or tables on an object store need none (its bucket must exist)."""
+        """Create the top-level folders (restricted/ readable by the owner only); a location
+        on an object store needs none (its bucket must exist)."""
         for path in (
             self.inbox,
             self.claimed,
@@ -201,8 +209,9 @@ def data_home(root: str | Path | None = None) -> DataHome:
     ``$TRIALPIPE_LEDGER_URL`` (a SQLAlchemy URL), or the output of the command in
     ``$TRIALPIPE_LEDGER_URL_CMD``, moves the ledger to a database server.
     ``$TRIALPIPE_SECRETS_DIR`` reads the trial keys from a folder the deployment provides.
-    ``$TRIALPIPE_ARCHIVE_URL`` and ``$TRIALPIPE_TABLES_URL`` move the archive and the
-    tables (a path or an fsspec URL, e.g. ``s3://bucket/prefix``).
+    ``$TRIALPIPE_ARCHIVE_URL``, ``$TRIALPIPE_TABLES_URL``, ``$TRIALPIPE_QUARANTINE_URL`` and
+    ``$TRIALPIPE_INBOX_URL`` move the archive, the tables, the quarantine and the upload area
+    (a path or an fsspec URL, e.g. ``s3://bucket/prefix``).
     """
     chosen = root or os.environ.get("TRIALPIPE_HOME") or Path.home() / "trialpipe-home"
     ledger = os.environ.get("TRIALPIPE_LEDGER_URL")
@@ -215,6 +224,8 @@ def data_home(root: str | Path | None = None) -> DataHome:
         Path(secrets) if secrets else None,
         os.environ.get("TRIALPIPE_ARCHIVE_URL") or None,
         os.environ.get("TRIALPIPE_TABLES_URL") or None,
+        os.environ.get("TRIALPIPE_QUARANTINE_URL") or None,
+        os.environ.get("TRIALPIPE_INBOX_URL") or None,
     )
 
 

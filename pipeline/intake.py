@@ -3,11 +3,17 @@
 A batch folder is only ever read after its READY marker exists, and it is claimed by one
 atomic rename out of the upload area, so two schedulers can never process the same batch and
 a half-copied upload is never read.
+
+The upload area may be an object store (``$TRIALPIPE_INBOX_URL``), which has no rename: an
+upload there writes each file and the manifest as whole objects, READY last, and a claim
+downloads the batch into the claimed area under a lock in the data home, then deletes its
+objects (:func:`claim`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import getpass
 import hashlib
 import json
@@ -15,13 +21,16 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, atomic, enrollment, ledger
+from pipeline import __version__, atomic, enrollment, ledger, store
 from pipeline.home import DataHome, safe_relative
 from pipeline.protocol import Protocol, ProtocolError, load_protocol
+from pipeline.store import Location
 
 MANIFEST = "manifest.json"
 READY = "READY"
@@ -37,7 +46,7 @@ class UploadRefused(ValueError):
 @dataclass(frozen=True)
 class ReadyBatch:
     batch_id: str
-    folder: Path
+    folder: Location
 
 
 def sha256_file(path: Path) -> str:
@@ -116,8 +125,15 @@ def stage_batch(
     for source, relative in sources:
         name = _unique(relative, used)
         target = folder / FILES / name
-        atomic.copy_file(source, target, durable=False)
-        entries.append({"path": name, "sha256": sha256_file(target), "size": target.stat().st_size})
+        if store.is_local(target):
+            atomic.copy_file(source, Path(target), durable=False)
+            written = Path(target)
+        else:
+            store.put_file(source, target)  # one upload, whole or not at all
+            written = source
+        entries.append(
+            {"path": name, "sha256": sha256_file(written), "size": written.stat().st_size}
+        )
     manifest = {
         "batch_id": batch_id,
         "protocol_id": protocol_id,
@@ -130,7 +146,7 @@ def stage_batch(
         "files": entries,
     }
     atomic.sync()  # every copied file is on disk before the manifest and READY say so
-    atomic.write_json(folder / MANIFEST, manifest)
+    store.write_json(folder / MANIFEST, manifest)
     if check:  # values checked above; otherwise the claim records what it can trust
         ledger.register_batch(
             home,
@@ -143,8 +159,16 @@ def stage_batch(
             subject_id=subject_id,
             visit=visit,
         )
-    atomic.write_bytes(folder / READY, b"")
+    store.write_with(folder / READY, lambda handle: None)
     return batch_id
+
+
+def upload_folder(folder: Path, target: Location) -> None:
+    """Put a complete local batch folder (files/, manifest.json) at ``target`` in the upload
+    area, READY last, so no reader sees the batch before all of it is there."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != READY):
+        store.put_file_once(path, target / path.relative_to(folder).as_posix())
+    store.write_with(target / READY, lambda handle: None)
 
 
 def _expand(paths: list[Path]) -> list[tuple[Path, str]]:
@@ -178,7 +202,7 @@ def ready_batches(home: DataHome) -> list[ReadyBatch]:
     if not home.inbox.exists():
         return found
     for marker in home.inbox.glob(f"*/*/*/{READY}"):
-        if marker.parts[-4].startswith("."):
+        if marker.parent.parent.parent.name.startswith("."):
             continue
         found.append((marker.stat().st_mtime, ReadyBatch(marker.parent.name, marker.parent)))
     return [batch for _, batch in sorted(found, key=lambda item: (item[0], item[1].batch_id))]
@@ -195,22 +219,25 @@ def unfinished_batches(home: DataHome) -> list[ReadyBatch]:
     ]
 
 
-def find_upload(home: DataHome, batch_id: str) -> Path | None:
+def find_upload(home: DataHome, batch_id: str) -> Location | None:
     """The upload folder of a batch not yet claimed."""
-    for folder in home.inbox.glob(f"*/*/{batch_id}"):
-        if not folder.parts[-3].startswith(".") and (folder / READY).exists():
-            return folder
+    for marker in home.inbox.glob(f"*/*/{batch_id}/{READY}"):
+        if not marker.parent.parent.parent.name.startswith("."):
+            return marker.parent
     return None
 
 
 def claim(home: DataHome, batch_id: str) -> Path:
     """Atomically move a READY batch out of the upload area; idempotent on retry."""
+    if not store.is_local(home.inbox):
+        return _claim_from_store(home, batch_id)
     target = home.claimed_batch(batch_id)
     if target.exists():
         return target
     source = find_upload(home, batch_id)
     if source is None:
         raise FileNotFoundError(f"batch {batch_id} is neither in the inbox nor claimed")
+    source = Path(source)
     home.claimed.mkdir(parents=True, exist_ok=True)
     # Where it was uploaded says which protocol and site it came in for; the rename loses it.
     atomic.write_json(
@@ -222,6 +249,102 @@ def claim(home: DataHome, batch_id: str) -> Path:
         if not target.exists():
             raise
     return target
+
+
+def _claim_from_store(home: DataHome, batch_id: str) -> Path:
+    """Claim a batch uploaded to an object store, which has no rename to claim it by:
+    download it into a hidden folder of the claimed area, check it, rename that folder into
+    place (the claim, as on a disk), then delete the objects.
+
+    A lock file in the data home, shared by every worker, lets one worker at a time claim
+    the batch; a claim cut off half-way is resumed by downloading again, and the objects
+    are deleted only once the claimed copy is complete and matches the manifest."""
+    target = home.claimed_batch(batch_id)
+    home.claimed.mkdir(parents=True, exist_ok=True)
+    with _claim_lock(home, batch_id):
+        if not target.exists():
+            source = find_upload(home, batch_id)
+            if source is None:
+                raise FileNotFoundError(f"batch {batch_id} is neither in the inbox nor claimed")
+            partial = home.claimed / f".{batch_id}.partial"
+            _download(source, partial, batch_id)
+            atomic.write_json(
+                partial / ORIGIN,
+                {"protocol_id": source.parent.parent.name, "site_id": source.parent.name},
+            )
+            atomic.sync()
+            os.rename(partial, target)
+        origin = read_origin(target)
+        upload = home.batch_upload_dir(origin["protocol_id"], origin["site_id"], batch_id)
+        if upload.fs.exists(upload.path):
+            # READY first: from then on no listing offers the batch, even if deleting the
+            # rest is cut off (the retry finds the claimed copy and deletes what is left).
+            if upload.fs.exists(f"{upload.path}/{READY}"):
+                upload.fs.rm_file(f"{upload.path}/{READY}")
+            upload.fs.rm(upload.path, recursive=True)
+        # Safe to unlink while held: whoever locks this file or a new one from now on finds
+        # the claim complete and the objects gone.
+        _lock_file(home, batch_id).unlink(missing_ok=True)
+    return target
+
+
+def _download(source: Location, folder: Path, batch_id: str) -> None:
+    """Download the batch at ``source`` into ``folder``, each file under a temporary name
+    renamed when complete, and check it: every object whole (its size), every file the
+    manifest lists with its SHA-256. A file that still differs from the manifest when
+    downloaded twice is what the site uploaded: the claim task refuses it
+    (``checksum_mismatch``), as it would from a disk."""
+    sizes = {
+        key.removeprefix(f"{source.path}/"): int(info["size"])
+        for key, info in source.fs.find(source.path, detail=True).items()
+        if not key.endswith(f"/{READY}")
+    }
+
+    def fetch(relative: str) -> None:
+        key = f"{source.path}/{relative}"
+        atomic.write_with(folder / relative, lambda tmp: source.fs.get_file(key, str(tmp)))
+
+    for relative in sizes:
+        fetch(relative)
+    for relative in _unlike_manifest(folder):
+        if relative in sizes:
+            fetch(relative)
+    if any((folder / r).stat().st_size != size for r, size in sizes.items()):
+        # A download cut short: nothing is deleted, and the retry downloads again.
+        raise OSError(f"batch {batch_id}: the download is incomplete")
+
+
+def _unlike_manifest(folder: Path) -> list[str]:
+    """Paths (relative to ``folder``) of the files the manifest lists that are missing or
+    differ from its SHA-256; none when there is no readable manifest (the claim task
+    refuses that batch)."""
+    manifest = read_manifest(folder)
+    entries = manifest.get("files") if manifest else None
+    if not isinstance(entries, list):
+        return []
+    unlike = []
+    for entry in entries:
+        relative = safe_relative(str(entry.get("path", ""))) if isinstance(entry, dict) else None
+        if relative is None:
+            continue  # the claim task refuses an unsafe name
+        path = folder / FILES / relative
+        if not path.is_file() or sha256_file(path) != entry.get("sha256"):
+            unlike.append(f"{FILES}/{relative}")
+    return unlike
+
+
+def _lock_file(home: DataHome, batch_id: str) -> Path:
+    return home.claimed / f".{batch_id}.lock"
+
+
+@contextmanager
+def _claim_lock(home: DataHome, batch_id: str) -> Iterator[None]:
+    with open(_lock_file(home, batch_id), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

@@ -3,6 +3,10 @@
 ``quarantine/<batch>/`` holds the refused files as uploaded (so the core lab can look at
 them and release them after a fix), the batch manifest, and ``quarantine.json`` with the
 reason code, a detail that never quotes a value, and what the site should do.
+
+The quarantine may live on an object store (``$TRIALPIPE_QUARANTINE_URL``, see
+:mod:`pipeline.store`): each original and the record are then uploaded whole, and the
+claimed copies go when finalize removes the claimed batch.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic, intake
+from pipeline import atomic, intake, store
 from pipeline.home import DataHome
 from pipeline.reasons import Reason
 from pipeline.worklist import FileEntry, Worklist
@@ -24,17 +28,22 @@ def put(
     home: DataHome,
     worklist: Worklist,
     refused: list[tuple[FileEntry, Path, str, str | None]],
-) -> Path:
-    """Move refused originals (entry, where it lies now, reason, detail) of a claimed batch
-    into quarantine under their uploaded names, and describe why."""
+) -> store.Location:
+    """Put refused originals (entry, where it lies now, reason, detail) of a claimed batch
+    into quarantine under their uploaded names, and describe why. Idempotent: a retry
+    finds what an earlier attempt put there."""
     claimed = home.claimed_batch(worklist.batch_id)
     folder = home.quarantined_batch(worklist.batch_id)
+    local = store.is_local(folder)
     for entry, source, _, _ in refused:
         target = folder / intake.FILES / entry.kept_name
-        if source.exists() or target.exists():
-            atomic.move_file(source, target)
+        if local and (source.exists() or target.exists()):
+            atomic.move_file(source, Path(target))
+        elif not local and source.exists():
+            # Copied, not moved: finalize removes the claimed batch once all is recorded.
+            store.put_file_once(source, target)
     if (claimed / intake.MANIFEST).exists():
-        atomic.copy_file(claimed / intake.MANIFEST, folder / intake.MANIFEST)
+        store.put_file_once(claimed / intake.MANIFEST, folder / intake.MANIFEST)
     record = {
         "batch_id": worklist.batch_id,
         "protocol_id": worklist.protocol_id,
@@ -55,7 +64,7 @@ def put(
             for entry, _, reason, detail in refused
         ],
     }
-    return atomic.write_json(folder / RECORD, record)
+    return store.write_json(folder / RECORD, record)
 
 
 def read_record(home: DataHome, batch_id: str) -> dict[str, Any] | None:

@@ -2,7 +2,8 @@
 after a fix (the subject enrolled, the intruding image left behind, the recipe or the
 protocol's range corrected).
 
-The released originals move from ``quarantine/<batch>/`` into a new upload batch in the
+The released originals move from ``quarantine/<batch>/`` (or the quarantine's object
+store, from which they are downloaded and then deleted) into a new upload batch in the
 inbox, whose manifest names the batch and file number each came from; the next ingest run
 (``trialpipe run``, or the intake sensor in a deployment) judges them afresh. The ledger
 records the release on both sides: each file's latest event in the old batch becomes
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+from pathlib import Path
 
-from pipeline import atomic, intake, ledger, quarantine
+from pipeline import atomic, intake, ledger, quarantine, store
 from pipeline.batch import refresh_batch_counts
 from pipeline.home import DataHome
 from pipeline.protocol import ProtocolError, load_protocol
@@ -75,10 +77,12 @@ def release(
         raise ReleaseRefused(f"batch {batch_id} has no quarantined file left to release")
     new_id = intake.new_batch_id()
     target = home.batch_upload_dir(record["protocol_id"], record["site_id"], new_id)
+    # An upload area on an object store takes the batch once it is built, READY last.
+    building = Path(target) if store.is_local(target) else home.claimed / f".release-{new_id}"
     entries = []
     for item in chosen:
-        moved = target / intake.FILES / item["path"]
-        atomic.move_file(folder / intake.FILES / item["path"], moved)
+        moved = building / intake.FILES / item["path"]
+        store.move_to_local(folder / intake.FILES / item["path"], moved)
         entries.append(
             {
                 "path": item["path"],
@@ -99,7 +103,7 @@ def release(
         "released_from": batch_id,
         "files": entries,
     }
-    atomic.write_json(target / intake.MANIFEST, manifest)
+    atomic.write_json(building / intake.MANIFEST, manifest)
     ledger.register_batch(
         home,
         new_id,
@@ -136,7 +140,11 @@ def release(
         if item in chosen:
             item["released_to"] = new_id
             item["present"] = False
-    atomic.write_json(folder / quarantine.RECORD, record)
+    store.write_json(folder / quarantine.RECORD, record)
     refresh_batch_counts(home, batch_id)
-    atomic.write_bytes(target / intake.READY, b"")
+    if store.is_local(target):
+        atomic.write_bytes(building / intake.READY, b"")
+    else:
+        intake.upload_folder(building, target)
+        intake.remove_tree(building)
     return new_id, len(entries)

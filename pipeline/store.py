@@ -1,10 +1,10 @@
-"""Where the de-identified outputs live: a folder of the data home or any fsspec URL.
+"""Where the outputs live: a folder of the data home or any fsspec URL.
 
-The archive and the Parquet tables hold no PHI and each file is written whole under its
-final name, so they may live on an object store (``s3://bucket/prefix``) as well as on the
-data home's disk. A location is then a universal-pathlib ``UPath`` (``S3Path`` for
-``s3://``); the default stays a plain local ``Path``, whose writes keep their temporary
-name, fsync and rename (:mod:`pipeline.atomic`).
+The archive and the Parquet tables hold no PHI; the quarantine holds refused originals
+(PHI). Each of their files is written whole under its final name, so they may live on an
+object store (``s3://bucket/prefix``) as well as on the data home's disk. A location is then
+a universal-pathlib ``UPath`` (``S3Path`` for ``s3://``); the default stays a plain local
+``Path``, whose writes keep their temporary name, fsync and rename (:mod:`pipeline.atomic`).
 
 An object store has no rename, no hard link and no lock, but an object appears whole when
 its upload completes (a single PUT, or a multipart upload completed at the end), and never
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,8 @@ from upath import UPath
 
 from pipeline import atomic
 
-# A location of the archive or the tables: a local folder, or a UPath at an fsspec URL.
+# A location of the archive, the tables or the quarantine: a local folder, or a UPath at
+# an fsspec URL.
 Location = Path | UPath
 
 ENDPOINT_VARIABLE = "TRIALPIPE_S3_ENDPOINT_URL"
@@ -88,6 +90,33 @@ def write_with(target: Location, writer: Callable[[BinaryIO], None]) -> None:
         buffer = io.BytesIO()
         writer(buffer)
         target.fs.pipe_file(target.path, buffer.getvalue())
+
+
+def put_file_once(source: Path, target: Location) -> None:
+    """:func:`put_file`, skipped when ``target`` already holds ``source``'s bytes (a retry
+    of a task that had put it), so a retry uploads nothing again."""
+    if sha256(target) != sha256(source):
+        put_file(source, target)
+
+
+def write_json(target: Location, payload: Any) -> Location:
+    """Write ``payload`` as indented JSON to ``target``, whole (as :func:`write_with`)."""
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+    write_with(target, lambda handle: handle.write(text.encode()))
+    return target
+
+
+def move_to_local(source: Location, target: Path) -> None:
+    """Move the file at ``source`` to the local ``target``: renamed on a filesystem, else
+    downloaded under a temporary name, renamed into place, then deleted from the store.
+    Idempotent: a move cut off after the download finishes on the next call."""
+    if is_local(source):
+        atomic.move_file(Path(source), target)
+        return
+    if not source.exists() and target.exists():
+        return
+    atomic.write_with(target, lambda tmp: source.fs.get_file(source.path, str(tmp)))
+    source.fs.rm_file(source.path)
 
 
 def sha256(path: Location) -> str | None:

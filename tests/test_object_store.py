@@ -1,10 +1,12 @@
-"""Archive and tables on an object store: a real S3 endpoint (moto's server, a process of its
-own on 127.0.0.1), real s3fs, real DuckDB. The batches run through the DAG's task functions
-in-process, as in test_batch_flow."""
+"""Archive, tables and quarantine on an object store: a real S3 endpoint (moto's server, a
+process of its own on 127.0.0.1), real s3fs, real DuckDB. The batches run through the DAG's
+task functions in-process, as in test_batch_flow."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -20,7 +22,19 @@ from typing import Any
 
 import pytest
 
-from pipeline import batch, compaction, enrollment, intake, ledger, query, store, tables
+from pipeline import (
+    batch,
+    compaction,
+    enrollment,
+    intake,
+    ledger,
+    quarantine,
+    query,
+    store,
+    tables,
+    watch,
+)
+from pipeline.cli import main
 from pipeline.demo import upload_trial
 from pipeline.embedded import free_port
 from pipeline.home import DataHome, data_home
@@ -118,6 +132,35 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Bucket:
 @pytest.fixture
 def s3_home(bucket: Bucket, tmp_path: Path, protocol, trial) -> DataHome:
     """A data home whose archive and tables are in the bucket, the trial enrolled."""
+    return _enrolled_home(tmp_path, protocol, trial)
+
+
+@pytest.fixture(params=["local inbox", "inbox in the bucket"])
+def s3_quarantine_home(
+    request, bucket: Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, protocol, trial
+) -> DataHome:
+    """As ``s3_home``, the quarantine in the bucket too, and the inbox in the data home
+    or in the bucket (where a release then uploads its batch)."""
+    monkeypatch.setenv("TRIALPIPE_QUARANTINE_URL", f"s3://{bucket.name}/quarantine")
+    if request.param == "inbox in the bucket":
+        monkeypatch.setenv("TRIALPIPE_INBOX_URL", f"s3://{bucket.name}/inbox")
+    home = _enrolled_home(tmp_path, protocol, trial)
+    assert not store.is_local(home.quarantine)
+    return home
+
+
+@pytest.fixture
+def s3_inbox_home(
+    bucket: Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, protocol, trial
+) -> DataHome:
+    """As ``s3_home``, the upload area in the bucket too."""
+    monkeypatch.setenv("TRIALPIPE_INBOX_URL", f"s3://{bucket.name}/inbox")
+    home = _enrolled_home(tmp_path, protocol, trial)
+    assert not store.is_local(home.inbox) and store.is_local(home.claimed)
+    return home
+
+
+def _enrolled_home(tmp_path: Path, protocol, trial) -> DataHome:
     home = data_home(tmp_path / "home").ensure()
     assert not store.is_local(home.archive) and not store.is_local(home.parquet)
     enrollment.import_csv(home, protocol, trial.enrollment_csv)
@@ -231,3 +274,156 @@ def test_a_write_that_fails_half_way_leaves_no_object(s3_home, bucket):
         store.write_with(target, broken)
     assert bucket.objects("tables") == {}
     assert not target.exists()
+
+
+def test_quarantine_on_the_object_store_holds_the_originals_until_released(
+    s3_quarantine_home, bucket, protocol, trial, tmp_path, capsys
+):
+    home = s3_quarantine_home
+    planned = next(b for b in trial.batches if b.expect == "unenrolled_subject")
+    batch_id = intake.stage_batch(  # by a drop folder, as the client would refuse it
+        home,
+        "DEMO-01",
+        planned.site_id,
+        planned.subject_id,
+        planned.visit,
+        [planned.folder],
+        check=False,
+    )
+    for step in ("claim", "deidentify", "verify", "validate", "write_tables", "route"):
+        batch.run_task(step, batch_id, home)
+    # A finalize cut off after it had put the originals: the retry uploads none again.
+    worklist = batch._load(home, batch_id, "route")
+    refused = [
+        (entry, batch.original_path(home, batch_id, entry), "unenrolled_subject", None)
+        for entry in worklist.files
+        if not entry.expanded
+    ]
+    quarantine.put(home, worklist, refused)
+    first = bucket.objects(f"quarantine/{batch_id}")
+    time.sleep(1.1)  # S3 times an object to the second: a second upload would show
+    batch.run_task("finalize", batch_id, home)
+
+    held = ledger.file_rows(home, batch_id)
+    assert held and {f["disposition"] for f in held} == {"quarantined"}
+    objects = bucket.objects(f"quarantine/{batch_id}")
+    assert {k: v["LastModified"] for k, v in objects.items() if k != quarantine.RECORD} == {
+        k: v["LastModified"] for k, v in first.items() if k != quarantine.RECORD
+    }
+    originals = sorted(k for k in objects if k.startswith(f"{intake.FILES}/"))
+    assert sorted(objects) == sorted([*originals, intake.MANIFEST, quarantine.RECORD])
+    assert sorted(_sha256(bucket.read(f"quarantine/{batch_id}/{k}")) for k in originals) == sorted(
+        f["sha256_in"] for f in held
+    )
+    record = json.loads(bucket.read(f"quarantine/{batch_id}/{quarantine.RECORD}"))
+    assert {(f["reason"], f["present"]) for f in record["files"]} == {("unenrolled_subject", True)}
+    assert quarantine.read_record(home, batch_id) == record
+    assert not (home.root / "quarantine" / batch_id).exists()  # nothing of it on local disk
+    held_copy = tmp_path / "held"
+    bucket.fs.get(f"{bucket.name}/quarantine/", str(held_copy), recursive=True)
+    assert phi_leaks(held_copy, trial.phi_values(), boundary=())  # the originals, PHI and all
+    assert not home.claimed_batch(batch_id).exists()
+
+    assert main(["--home", str(home.root), "quarantine", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(r["file_no"] for r in listed if r["batch_id"] == batch_id) == sorted(
+        f["file_no"] for f in held
+    )
+
+    rows = list(csv.reader(trial.enrollment_csv.open()))
+    rows.append([planned.site_id, planned.subject_id, "B", "2025-08-20"])
+    updated = tmp_path / "enrollment.csv"
+    with updated.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    enrollment.import_csv(home, protocol, updated)
+    assert main(["--home", str(home.root), "quarantine", "release", batch_id]) == 0
+    new_id = capsys.readouterr().out.split(" as batch ")[1].split()[0]
+    assert sorted(bucket.objects(f"quarantine/{batch_id}")) == [
+        intake.MANIFEST,
+        quarantine.RECORD,
+    ]  # the originals left the bucket for the inbox
+    released = json.loads(bucket.read(f"quarantine/{batch_id}/{quarantine.RECORD}"))
+    assert {(f["released_to"], f["present"]) for f in released["files"]} == {(new_id, False)}
+
+    assert [b.batch_id for b in intake.ready_batches(home)] == [new_id]
+    process(home, new_id)
+    done = ledger.batch_row(home, new_id)
+    assert (done["state"], done["released_from"]) == ("done", batch_id)
+    assert done["archived"] == done["files"] == len(held)
+    archived = [f for f in ledger.file_rows(home, new_id) if f["disposition"] == "archived"]
+    for f in archived:
+        assert _sha256(bucket.read(f"archive/{f['archive_path']}")) == f["sha256_out"]
+    assert main(["--home", str(home.root), "quarantine", "list"]) == 0
+    assert batch_id not in capsys.readouterr().out
+
+    copy = tmp_path / "bucket-copy"
+    bucket.fs.get(f"{bucket.name}/", str(copy), recursive=True)
+    assert phi_leaks(copy, trial.phi_values(), boundary=("quarantine",)) == []
+    assert phi_leaks(home.root, trial.phi_values()) == []
+
+
+def test_an_upload_to_the_bucket_inbox_is_claimed_processed_and_leaves_nothing_there(
+    s3_inbox_home, bucket, trial
+):
+    home = s3_inbox_home
+    planned = trial.batches[1]
+    batch_id = intake.stage_batch(
+        home, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
+    )
+    uploaded = bucket.objects(f"inbox/DEMO-01/{planned.site_id}/{batch_id}")
+    manifest = json.loads(bucket.read(f"inbox/DEMO-01/{planned.site_id}/{batch_id}/manifest.json"))
+    assert sorted(uploaded) == sorted(
+        [intake.READY, intake.MANIFEST, *(f"{intake.FILES}/{f['path']}" for f in manifest["files"])]
+    )
+    assert not (home.root / "inbox" / "DEMO-01").exists()  # nothing uploaded to the disk
+    assert [b.batch_id for b in intake.ready_batches(home)] == [batch_id]
+    assert watch.ready_batch_ids(str(home.root)) == [batch_id]
+
+    # A claim cut off half-way left a download short: the next claim downloads again.
+    first = manifest["files"][0]["path"]
+    cut = home.claimed / f".{batch_id}.partial" / intake.FILES / first
+    cut.parent.mkdir(parents=True)
+    cut.write_bytes(b"DICM cut short")
+    process(home, batch_id)
+
+    assert ledger.batch_row(home, batch_id)["state"] == "done"
+    assert bucket.objects("inbox") == {}  # the batch's objects are gone
+    assert intake.ready_batches(home) == [] and watch.ready_batch_ids(str(home.root)) == []
+    assert list(home.claimed.iterdir()) == []  # no partial download, no lock file left
+    archive = bucket.objects("archive")
+    archived = [f for f in ledger.file_rows(home, batch_id) if f["disposition"] == "archived"]
+    assert archive and len(archive) == len(archived)
+    rows = query.run(home, "SELECT count(*) FROM instances").rows
+
+    process(home, batch_id)  # a rerun: finalized, a no-op
+    assert bucket.objects("archive") == archive and bucket.objects("inbox") == {}
+    assert query.run(home, "SELECT count(*) FROM instances").rows == rows
+    assert ledger.batch_row(home, batch_id)["state"] == "done"
+
+
+def test_a_file_the_site_corrupted_in_the_bucket_inbox_is_quarantined_not_stuck(
+    s3_inbox_home, bucket, trial
+):
+    home = s3_inbox_home
+    planned = trial.batches[1]
+    batch_id = intake.stage_batch(
+        home, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
+    )
+    prefix = f"inbox/DEMO-01/{planned.site_id}/{batch_id}"
+    manifest = json.loads(bucket.read(f"{prefix}/{intake.MANIFEST}"))
+    corrupted = manifest["files"][0]["path"]
+    bucket.fs.pipe_file(f"{bucket.name}/{prefix}/{intake.FILES}/{corrupted}", b"not the upload")
+
+    batch.run_task("claim", batch_id, home)
+    # A claim cut off while deleting the objects (READY went first): the retry deletes the rest.
+    bucket.fs.pipe_file(f"{bucket.name}/{prefix}/{intake.MANIFEST}", json.dumps(manifest).encode())
+    assert intake.ready_batches(home) == []
+    intake.claim(home, batch_id)
+    assert bucket.objects("inbox") == {}
+    process(home, batch_id)  # claimed already: the claim task finds its worklist
+
+    files = {f["file_no"]: f for f in ledger.file_rows(home, batch_id)}
+    refused = [f for f in files.values() if f["disposition"] == "quarantined"]
+    assert [f["reason"] for f in refused] == ["checksum_mismatch"]
+    assert sum(f["disposition"] == "archived" for f in files.values()) == len(files) - 1
+    assert ledger.batch_row(home, batch_id)["state"] == "done"
