@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from pipeline import (
     tables,
     zipped,
 )
-from pipeline.dicomio import read_dicom, write_dicom
+from pipeline.dicomio import read_elements, read_upload, write_dicom
 from pipeline.enrollment import lookup
 from pipeline.home import DataHome, safe_relative
 from pipeline.protocol import Limits, Protocol, ProtocolError, load_protocol
@@ -269,20 +270,26 @@ class _Deidentified:
 
 
 def _deidentify_file(entry: FileEntry) -> _Deidentified:
-    from pipeline.deidentify import BurnedInAnnotationError, DeidentificationError
+    from pipeline.deidentify import BurnedInAnnotationError, DeidentificationError, burned_in_risk
 
     job: _DeidJob = parallel.context()
     done = _Deidentified(entry)
     source = original_path(job.home, job.batch_id, entry)
-    if not source.exists():
+    # The whole file is read once: its checksum, its header and its pixel bytes all come
+    # from this one buffer (the pixels are written back untouched unless cleaned).
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError:
         entry.refuse(Reason.FILE_MISSING)
         return done
-    if entry.sha256 and intake.sha256_file(source) != entry.sha256:
+    if entry.sha256 and hashlib.sha256(data).hexdigest() != entry.sha256:
         entry.refuse(Reason.CHECKSUM_MISMATCH)
         return done
-    read = read_dicom(source)
-    if read.reason:
-        entry.refuse(read.reason)
+    read = read_upload(data)
+    if read.dataset is not None and read.pixels is not None and burned_in_risk(read.dataset):
+        read = read_upload(data, keep_pixels_apart=False)  # cleaning needs the pixels
+    if read.reason or read.dataset is None:
+        entry.refuse(read.reason or Reason.NOT_DICOM)
         return done
     ds = read.dataset
     done.fingerprint = patient_fingerprint(
@@ -292,7 +299,7 @@ def _deidentify_file(entry: FileEntry) -> _Deidentified:
         str(ds.get("PatientBirthDate", "") or ""),
     )
     try:
-        outcome = job.deidentifier.apply(ds)
+        outcome = job.deidentifier.apply(ds, read.encoded)
     except BurnedInAnnotationError as error:
         entry.refuse(Reason.BURNED_IN_ANNOTATION, str(error))
         return done
@@ -300,15 +307,17 @@ def _deidentify_file(entry: FileEntry) -> _Deidentified:
         entry.refuse(Reason.DEID_FAILED, str(error))
         return done
     staged = _staged(job.home, job.batch_id, entry.file_no)
+    written: list[tuple[str, int]] = []
     try:
-        atomic.write_with(staged, lambda tmp: write_dicom(ds, tmp), durable=False)
+        atomic.write_with(
+            staged, lambda tmp: written.append(write_dicom(ds, tmp, read.pixels)), durable=False
+        )
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as error:
         # pydicom read the file but cannot encode it again (a malformed original).
         entry.refuse(Reason.DEID_FAILED, f"cannot be written as DICOM ({type(error).__name__})")
         return done
     entry.staged = str(staged.relative_to(job.home.claimed_batch(job.batch_id)))
-    entry.sha256_out = intake.sha256_file(staged)
-    entry.size_out = staged.stat().st_size
+    entry.sha256_out, entry.size_out = written[-1]
     entry.sop_uid, entry.study_uid, entry.series_uid = (
         outcome.sop_uid,
         outcome.study_uid,
@@ -316,7 +325,7 @@ def _deidentify_file(entry: FileEntry) -> _Deidentified:
     )
     # The table row and the required tags come from the de-identified dataset just
     # written, so validate and write_tables need not parse the file again.
-    row = rows.instance_row(ds, job.anchor)
+    row = rows.instance_row(ds, job.anchor, read.pixels is not None or "PixelData" in ds)
     entry.row = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
     entry.required = rows.tag_values(ds, job.required)
     done.crosswalk, done.identifying = outcome.crosswalk, outcome.identifying
@@ -390,7 +399,7 @@ def _verify_file(entry: FileEntry) -> tuple[Reason, str] | None:
     job: _VerifyJob = parallel.context()
     # Large values (pixels) are not read; every element, trailing ones too, is.
     staged = job.home.claimed_batch(job.batch_id) / str(entry.staged)
-    output = read_dicom(staged, defer_size=DEFER_ABOVE)
+    output = read_elements(staged)
     if output.dataset is None:
         return Reason.DEID_FAILED, "de-identified file could not be re-read"
     hits = residual_phi(job.values, output.dataset)
@@ -414,9 +423,6 @@ def verify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
                 entry.refuse(*refused)
     log.info("verified batch %s: %d files clean", batch_id, len(worklist.in_play()))
     return worklist.save(_state(home, batch_id, "verify"))
-
-
-DEFER_ABOVE = 64 * 1024
 
 
 def validate(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:

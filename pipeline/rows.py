@@ -55,8 +55,10 @@ def _text(value: Any) -> str | None:
     return text or None
 
 
-def instance_row(ds: Dataset, anchor: dt.date) -> dict[str, Any]:
-    """The per-image columns of the instances table, from a de-identified dataset."""
+def instance_row(ds: Dataset, anchor: dt.date, has_pixels: bool) -> dict[str, Any]:
+    """The per-image columns of the instances table, from a de-identified dataset whose
+    file ``has_pixels`` (they may be kept apart from ``ds``: see
+    :func:`pipeline.dicomio.read_upload`)."""
     study_date = _date(ds.get("StudyDate"))
     meta = getattr(ds, "file_meta", None)
     return {
@@ -76,7 +78,7 @@ def instance_row(ds: Dataset, anchor: dt.date) -> dict[str, Any]:
         "model": _text(ds.get("ManufacturerModelName")),
         "rows": _int(ds.get("Rows")),
         "columns": _int(ds.get("Columns")),
-        "frames": _int(ds.get("NumberOfFrames")) or (1 if "PixelData" in ds else None),
+        "frames": _int(ds.get("NumberOfFrames")) or (1 if has_pixels else None),
         "bits_allocated": _int(ds.get("BitsAllocated")),
         "pixel_spacing_row_mm": _float(ds.get("PixelSpacing"), 0),
         "pixel_spacing_col_mm": _float(ds.get("PixelSpacing"), 1),

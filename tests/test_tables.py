@@ -174,7 +174,7 @@ def test_instance_rows_take_typed_values_from_the_deidentified_header():
     ds.KVP = "120"
     ds.ImagePositionPatient = ["1", "2", "-30.5"]
     ds.ConvolutionKernel = ["B30f", "3"]
-    row = rows.instance_row(ds, dt.date(2000, 1, 1))
+    row = rows.instance_row(ds, dt.date(2000, 1, 1), "PixelData" in ds)
     assert row["study_day"] == 74
     assert (row["pixel_spacing_row_mm"], row["pixel_spacing_col_mm"]) == (0.5, 0.7)
     assert row["kvp"] == 120.0 and row["echo_time_ms"] is None
