@@ -133,7 +133,7 @@ def _secret_source(entry: str | dict[str, str]) -> str:
 
 
 def _volume_mode(service: dict[str, Any], volume: str) -> str | None:
-    """ "rw" or "ro" when ``service`` mounts ``volume`` (short syntax), else None."""
+    """``"rw"`` or ``"ro"`` when ``service`` mounts ``volume`` (short syntax), else None."""
     for mount in service.get("volumes", []):
         source, _, rest = mount.partition(":")
         if source == volume:
@@ -404,6 +404,26 @@ def test_the_deployment_creates_every_pool_the_dags_use():
     assert used <= created
     guide = (ROOT / "docs" / "deploy.md").read_text()
     assert all(f"airflow pools set {pool} " in guide for pool in used)
+
+
+def test_one_setting_sizes_the_ingest_pool_and_the_ingest_runs_at_once():
+    # The pool (airflow-init) and the ingest DAG's max_active_runs (read where the DAGs are
+    # parsed, from the shared environment) come from TRIALPIPE_INGEST_SLOTS alike.
+    compose = _compose()
+    init = compose["services"]["airflow-init"]["command"][2]
+    for env in ({}, {"TRIALPIPE_INGEST_SLOTS": "7"}):
+        pool = re.search(r"airflow pools set trialpipe_ingest (\d+) ", _interpolate(init, env))
+        runs = _interpolate(compose["x-airflow-env"]["TRIALPIPE_INGEST_SLOTS"], env)
+        assert pool is not None and pool[1] == runs
+    dag_default = re.search(
+        r"TRIALPIPE_INGEST_SLOTS\"\) or (\d+)", (ROOT / "dags" / "trialpipe_ingest.py").read_text()
+    )
+    assert dag_default is not None
+    assert _interpolate(compose["x-airflow-env"]["TRIALPIPE_INGEST_SLOTS"]) == dag_default[1]
+    values = yaml.safe_load((DOCKER / "helm-values.yaml").read_text())
+    helm = {item["name"]: item["value"] for item in values["env"]}["TRIALPIPE_INGEST_SLOTS"]
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    assert re.findall(r"kubectl .* airflow pools set trialpipe_ingest (\d+) ", guide) == [helm]
 
 
 def test_workers_scale_with_docker_compose_up_scale():
