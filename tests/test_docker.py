@@ -8,6 +8,7 @@ the schema is vendored in tests/data (see compose-spec.NOTICE.md), hadolint ship
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -484,6 +485,38 @@ def test_the_helm_values_mount_the_data_home_where_trialpipe_code_runs(tmp_path)
                 assert bool(claim.get("readOnly")) == (expected.get(section) == "ro"), section
     assert mounted == expected
     assert not any(m["name"] == "trialpipe-home" for m in values.get("volumeMounts", []))
+
+
+def _airflow_tested_with(what: str) -> list[str]:
+    """The versions of ``what`` (a row of the "Apache Airflow is tested with" table in the
+    pinned Airflow's package description) its stable release is tested with."""
+    pin = _pins()["apache-airflow"]
+    description = importlib.metadata.distribution("apache-airflow").read_text("METADATA") or ""
+    rows = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in description.splitlines()
+        if line.startswith("|")
+    ]
+    column = next(row.index(f"Stable version ({pin})") for row in rows if row[0] == "")
+    (row,) = [row for row in rows if row[0] == what]
+    return [version.strip() for version in row[column].split(",")]
+
+
+def test_the_database_and_broker_images_are_explicit_versions_airflow_is_tested_with():
+    services = _compose()["services"]
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    tags = {}
+    for name in ("postgres", "redis"):
+        image, _, tag = services[name]["image"].partition(":")
+        assert image == name
+        # A version, never `latest` or no tag: `up` on another day must not move the server.
+        assert re.fullmatch(r"\d+(\.\d+)*(-[a-z0-9]+)?", tag), services[name]["image"]
+        assert f"`{name}:{tag}`" in guide
+        tags[name] = tag
+    supported = _airflow_tested_with("PostgreSQL")
+    assert tags["postgres"].split(".")[0].split("-")[0] in supported
+    assert f"pinned Airflow ({_pins()['apache-airflow']}) is tested with" in guide
+    assert f"PostgreSQL {', '.join(supported)}" in guide
 
 
 def test_the_image_is_the_official_airflow_image_of_the_pinned_version():
