@@ -12,10 +12,13 @@ import errno
 import json
 import logging
 import os
+import sqlite3
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.exc import DBAPIError
 
 from pipeline import (
     __version__,
@@ -769,11 +772,20 @@ def run_task(
         return str(done)
     try:
         return str(TASKS[step](home, batch_id, run_id=run_id))
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            # Said without the path: the file name is not the problem, the disk is.
-            raise DiskFull(
-                f"no space left on the data home's disk during {step} of batch {batch_id};"
-                " free space and the task is retried"
-            ) from None
-        raise
+    except (OSError, DBAPIError) as error:
+        if not _disk_full(error):
+            raise
+        # Said without the path (the file name is not the problem, the disk is) and
+        # without the database error, which quotes the statement's values.
+        raise DiskFull(
+            f"no space left on the data home's disk during {step} of batch {batch_id};"
+            " free space and the task is retried"
+        ) from None
+
+
+def _disk_full(error: OSError | DBAPIError) -> bool:
+    """A write failed for want of space: ENOSPC, or SQLite's SQLITE_FULL (the ledger's or
+    the restricted store's database on the data home)."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    return getattr(error.orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
