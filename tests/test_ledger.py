@@ -2,7 +2,9 @@
 
 import datetime as dt
 import json
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy
@@ -129,6 +131,31 @@ def test_the_ledger_records_uploader_upload_time_and_versions(any_ledger, trial,
         == (__version__, protocol.recipe_version, "run-1")
         for f in trail["files"]
     )
+
+
+def test_batches_reserving_the_same_instances_at_once_agree_on_one_holder_each(any_ledger):
+    """Four batches reserve the same 300 instances at the same moment, two in the reverse
+    order: no error (no deadlock on PostgreSQL), one holder per instance, the same in
+    every answer, and a later batch, or a repeat, is told the same."""
+    slots = [ledger.ArchiveSlot(f"2.25.{n}", n, f"{n:064x}", f"a/{n}.dcm") for n in range(300)]
+    ledger.batch_rows(any_ledger)  # the tables exist before the batches race
+    start = threading.Barrier(4)
+
+    def reserve(number):
+        start.wait()
+        mine = slots if number % 2 else slots[::-1]
+        return ledger.reserve_archive_slots(any_ledger, f"batch-{number}", mine)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(reserve, range(4)))
+    assert len(answers[0]) == len(slots)
+    assert all(answer == answers[0] for answer in answers)
+    assert {holder.batch_id for holder in answers[0].values()} <= {f"batch-{n}" for n in range(4)}
+    assert ledger.reserve_archive_slots(any_ledger, "batch-late", slots) == answers[0]
+    first = answers[0]["2.25.0"].batch_id
+    assert ledger.reserve_archive_slots(any_ledger, first, slots[:1]) == {
+        "2.25.0": answers[0]["2.25.0"]
+    }
 
 
 def test_a_retried_finalize_appends_nothing(enrolled, trial):
