@@ -12,10 +12,13 @@ import errno
 import json
 import logging
 import os
+import sqlite3
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.exc import DBAPIError
 
 from pipeline import (
     __version__,
@@ -88,6 +91,7 @@ def claim(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
         numbered = original_path(home, batch_id, entry)
         if source is not None and (source.is_file() or numbered.exists()):
             atomic.move_file(source, numbered)
+            faults.checkpoint("claim")
         elif not entry.reason:
             entry.refuse(Reason.FILE_MISSING)
         if entry.reason or not numbered.exists():
@@ -412,6 +416,7 @@ def verify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
         ):
             if refused:
                 entry.refuse(*refused)
+            faults.checkpoint("verify")
     log.info("verified batch %s: %d files clean", batch_id, len(worklist.in_play()))
     return worklist.save(_state(home, batch_id, "verify"))
 
@@ -421,7 +426,8 @@ DEFER_ABOVE = 64 * 1024
 
 def validate(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
     """Check the protocol's required tags (Great Expectations, with Data Docs per batch)
-    on the values deidentify took from each de-identified header; spot duplicates."""
+    on the values deidentify took from each de-identified header; reserve each passing
+    file's archive slot, or mark it a duplicate or a conflict."""
     from pipeline import validate as rules
 
     worklist = _load(home, batch_id, "verify")
@@ -449,27 +455,40 @@ def validate(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
         if (docs / "index.html").exists():
             worklist.qc_report = str((docs / "index.html").relative_to(home.root))
         _mark_duplicates(home, worklist)
+        faults.checkpoint("validate")
     log.info("validated batch %s: %d files pass", batch_id, len(worklist.in_play()))
     return worklist.save(_state(home, batch_id, "validate"))
 
 
 def _mark_duplicates(home: DataHome, worklist: Worklist) -> None:
-    """Same instance already archived: same bytes -> duplicate, other bytes -> conflict."""
-    seen: dict[str, str] = {}
-    for entry in worklist.in_play():
-        uid = str(entry.sop_uid)
-        if uid in seen:
-            if seen[uid] == entry.sha256_out:
-                entry.duplicate = True
-            else:
-                entry.refuse(Reason.SOP_INSTANCE_CONFLICT, "two files of this batch")
+    """Reserve each file's archive slot in the ledger and judge it by who holds the slot:
+    this file goes on to the archive; another file (of an earlier batch, of a batch being
+    processed at the same time, or of this batch) makes it a duplicate when the bytes are
+    the same and a conflict when they differ. Deciding and reserving is one transaction,
+    so two batches of the same upload can never both archive an instance; a retry of
+    this task finds its own reservations."""
+    entries = worklist.in_play()
+    for entry in entries:
+        entry.archive_path = _archive_relative(worklist, entry)
+    holders = ledger.reserve_archive_slots(
+        home,
+        worklist.batch_id,
+        [
+            ledger.ArchiveSlot(
+                str(entry.sop_uid), entry.file_no, str(entry.sha256_out), entry.archive_path
+            )
+            for entry in entries
+        ],
+    )
+    for entry in entries:
+        holder = holders[str(entry.sop_uid)]
+        if (holder.batch_id, holder.file_no) == (worklist.batch_id, entry.file_no):
             continue
-        seen[uid] = str(entry.sha256_out)
-        owner = ledger.archived_owner(home, uid)
-        if owner is None or owner["batch_id"] == worklist.batch_id:
-            continue
-        if owner["sha256_out"] == entry.sha256_out:
+        if holder.sha256_out == entry.sha256_out:
             entry.duplicate = True
+            entry.archive_path = None
+        elif holder.batch_id == worklist.batch_id:
+            entry.refuse(Reason.SOP_INSTANCE_CONFLICT, "differs from another file of this batch")
         else:
             entry.refuse(Reason.SOP_INSTANCE_CONFLICT, "differs from the archived instance")
 
@@ -504,7 +523,6 @@ def write_tables(home: DataHome, batch_id: str, run_id: str | None = None) -> Pa
     }
     instances = []
     for entry in worklist.in_play():
-        entry.archive_path = _archive_relative(worklist, entry)
         instances.append(
             {
                 **(entry.row or {}),
@@ -537,6 +555,7 @@ def write_tables(home: DataHome, batch_id: str, run_id: str | None = None) -> Pa
             tables.write_batch(
                 home, table, worklist.protocol_id, worklist.site_id, batch_id, table_rows
             )
+            faults.checkpoint("write_tables")
     log.info("tables for batch %s: %d instance rows", batch_id, len(instances))
     return worklist.save(_state(home, batch_id, "tables"))
 
@@ -544,20 +563,13 @@ def write_tables(home: DataHome, batch_id: str, run_id: str | None = None) -> Pa
 def route(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
     """Copy each verified, validated file into its arm archive (atomic, idempotent), on
     the data home's disk or an object store: a file whose archived copy has the same
-    SHA-256 is not written again."""
+    SHA-256 is not written again. Validate reserved each file's slot, so no other batch
+    writes the same instance."""
     worklist = _load(home, batch_id, "tables")
     for entry in worklist.in_play():
         target = home.archive / str(entry.archive_path)
         if store.sha256(target) != entry.sha256_out:
             store.put_file(home.claimed_batch(batch_id) / str(entry.staged), target)
-        ledger.claim_archive_slot(
-            home,
-            str(entry.sop_uid),
-            batch_id,
-            entry.file_no,
-            str(entry.sha256_out),
-            str(entry.archive_path),
-        )
         faults.checkpoint("route")
     atomic.sync()
     log.info("routed batch %s: %d files archived", batch_id, len(worklist.in_play()))
@@ -600,6 +612,7 @@ def finalize(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
         "code_version": __version__,
         "dag_run_id": run_id,
     }
+    faults.checkpoint("finalize")
     ledger.record_files(home, batch_id, records, **versions)
     state = BatchState.QUARANTINED if worklist.batch_reason else BatchState.DONE
     ledger.set_state(
@@ -759,11 +772,20 @@ def run_task(
         return str(done)
     try:
         return str(TASKS[step](home, batch_id, run_id=run_id))
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            # Said without the path: the file name is not the problem, the disk is.
-            raise DiskFull(
-                f"no space left on the data home's disk during {step} of batch {batch_id};"
-                " free space and the task is retried"
-            ) from None
-        raise
+    except (OSError, DBAPIError) as error:
+        if not _disk_full(error):
+            raise
+        # Said without the path (the file name is not the problem, the disk is) and
+        # without the database error, which quotes the statement's values.
+        raise DiskFull(
+            f"no space left on the data home's disk during {step} of batch {batch_id};"
+            " free space and the task is retried"
+        ) from None
+
+
+def _disk_full(error: OSError | DBAPIError) -> bool:
+    """A write failed for want of space: ENOSPC, or SQLite's SQLITE_FULL (the ledger's or
+    the restricted store's database on the data home)."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    return getattr(error.orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL

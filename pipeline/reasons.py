@@ -133,7 +133,8 @@ _INFO: dict[Reason, ReasonInfo] = {
     ),
     Reason.SOP_INSTANCE_CONFLICT: ReasonInfo(
         Scope.FILE,
-        "An image with the same SOP Instance UID but different content is already archived.",
+        "An image with the same SOP Instance UID but different content is already archived"
+        " (or is in the same upload).",
         "Tell the core lab whether this image replaces the earlier one.",
     ),
     Reason.UNENROLLED_SUBJECT: ReasonInfo(
