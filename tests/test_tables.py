@@ -41,36 +41,44 @@ def _type_name(kind: pa.DataType) -> str:
     return names.get(str(kind), str(kind))
 
 
-def _documented(table: str) -> list[tuple[str, str]]:
-    """(column, type) in the order docs/data-dictionary.md lists them for ``table``."""
+def _documented(table: str) -> list[tuple[str, str, bool]]:
+    """(column, type, nullable) in the order docs/data-dictionary.md lists them."""
     text = DICTIONARY.read_text()
     section = re.search(rf"^## {table}\b.*?$(.*?)(?=^## |\Z)", text, re.S | re.M)
     assert section, f"docs/data-dictionary.md has no section for {table}"
     columns = []
     for line in section.group(1).splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 3 and cells[0].startswith("`"):
+        if len(cells) >= 4 and cells[0].startswith("`"):
+            assert cells[2] in ("yes", "no"), f"{table}.{cells[0]}: nullable is yes or no"
             for name in re.findall(r"`([a-z0-9_]+)`", cells[0]):
-                columns.append((name, cells[1]))
+                columns.append((name, cells[1], cells[2] == "yes"))
     return columns
 
 
 @pytest.mark.parametrize("table", sorted(tables.TABLES))
 def test_each_schema_is_exactly_the_documented_data_dictionary(table):
-    schema = tables.TABLES[table]
-    actual = [(f.name, _type_name(f.type)) for f in schema] + [
-        ("protocol", "string"),
-        ("site", "string"),
-    ]
+    """Names, order, types and nullability, partition columns last (as a query sees them)."""
+    fields = [*tables.TABLES[table], *tables.PARTITIONS]
+    actual = [(f.name, _type_name(f.type), f.nullable) for f in fields]
     assert _documented(table) == actual, (
         f"the {table} schema changed: update docs/data-dictionary.md with it"
     )
 
 
-def test_the_schema_pin_fails_when_a_column_changes(monkeypatch):
-    """The pin above is not vacuous: a renamed or retyped column breaks it."""
-    changed = tables.INSTANCES.set(0, pa.field("batch", pa.string()))
-    monkeypatch.setitem(tables.TABLES, "instances", changed)
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: s.set(0, pa.field("batch", pa.string(), nullable=False)),  # renamed
+        lambda s: s.set(0, pa.field("batch_id", pa.large_string(), nullable=False)),  # retyped
+        lambda s: s.set(0, pa.field("batch_id", pa.string(), nullable=True)),  # may be null
+        lambda s: pa.schema([s.field(1), s.field(0), *list(s)[2:]]),  # reordered
+    ],
+    ids=["renamed", "retyped", "nullable", "reordered"],
+)
+def test_the_schema_pin_fails_when_a_column_changes(monkeypatch, change):
+    """The pin above is not vacuous: any change to a column breaks it."""
+    monkeypatch.setitem(tables.TABLES, "instances", change(tables.INSTANCES))
     with pytest.raises(AssertionError):
         test_each_schema_is_exactly_the_documented_data_dictionary("instances")
 
