@@ -53,6 +53,18 @@ class Finding:
     def action(self) -> str:
         return "quarantine" if self.quarantine else "flag"
 
+    def record(self) -> dict[str, Any]:
+        """The finding as the worklist carries it to the qc_findings row and the ledger."""
+        return {
+            "attribute": self.keyword,
+            "modality": self.modality,
+            "expectation": self.expectation,
+            "reason": self.reason.value,
+            "action": self.action,
+            "observed": self.observed,
+            "detail": self.detail,
+        }
+
 
 def normalise(value: Any) -> str | None:
     """A tag value as comparable text (numbers in one canonical form); None if empty."""
