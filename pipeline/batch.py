@@ -439,17 +439,7 @@ def validate(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
         docs = home.qc_report(batch_id)
         for finding in rules.check_batch(protocol, metadata, docs, run_name=batch_id):
             entry = by_no[finding.file_no]
-            entry.findings.append(
-                {
-                    "attribute": finding.keyword,
-                    "modality": finding.modality,
-                    "expectation": finding.expectation,
-                    "reason": finding.reason.value,
-                    "action": finding.action,
-                    "observed": finding.observed,
-                    "detail": finding.detail,
-                }
-            )
+            entry.findings.append(finding.record())
             if finding.quarantine and entry.reason is None:
                 entry.refuse(finding.reason, finding.detail)
         if (docs / "index.html").exists():
@@ -515,37 +505,8 @@ def write_tables(home: DataHome, batch_id: str, run_id: str | None = None) -> Pa
         "recipe_version": _recipe_version(worklist.protocol_id) or "",
         "code_version": __version__,
     }
-    identity = {
-        "batch_id": batch_id,
-        "subject_id": worklist.subject_id,
-        "arm": worklist.arm,
-        "visit": worklist.visit,
-    }
-    instances = []
-    for entry in worklist.in_play():
-        instances.append(
-            {
-                **(entry.row or {}),
-                **identity,
-                "file_size_bytes": entry.size_out,
-                "sha256": entry.sha256_out,
-                "archive_path": entry.archive_path,
-                **versions,
-            }
-        )
-    findings = [
-        {
-            **identity,
-            **finding,
-            "file_no": entry.file_no,
-            "sop_instance_uid": entry.sop_uid,
-            "series_uid": entry.series_uid,
-            **versions,
-        }
-        for entry in worklist.files
-        if not worklist.batch_reason
-        for finding in entry.findings
-    ]
+    instances = rows.instance_rows(worklist, versions)
+    findings = rows.finding_rows(worklist, versions)
     if worklist.protocol_id and worklist.site_id:
         for table, table_rows in (
             ("instances", instances),
@@ -689,38 +650,13 @@ def _write_batch_row(
     except ProtocolError:
         protocol = None
     trusted = protocol is not None and worklist.site_id in protocol.sites
-    enrolled = worklist.arm is not None
-    times = ledger.state_times(home, worklist.batch_id)
-    claimed = times.get(BatchState.PROCESSING.value)
-    finished = times.get(state.value)
-    by = {d: [r for r in records if r.disposition == d] for d in Disposition}
-    row = {
-        "batch_id": worklist.batch_id,
-        "subject_id": worklist.subject_id if enrolled else None,
-        "arm": worklist.arm if enrolled else None,
-        "visit": worklist.visit if trusted and worklist.visit in protocol.visit_ids else None,
-        "state": state.value,
-        "reason": worklist.batch_reason,
-        "files": len(records),
-        "archived": len(by[Disposition.ARCHIVED]),
-        "quarantined": len(by[Disposition.QUARANTINED]),
-        "released": len(by[Disposition.RELEASED]),
-        "duplicates": len(by[Disposition.DUPLICATE]),
-        "flagged": sum(1 for r in by[Disposition.ARCHIVED] if r.detail),
-        "bytes_uploaded": sum(int(r.size or 0) for r in records),
-        "bytes_archived": sum(
-            int(e.size_out or 0) for e in worklist.files if e.in_play and not worklist.batch_reason
-        ),
+    first = ledger.state_times(home, worklist.batch_id)
+    times = {
         "uploaded_at": (ledger.batch_row(home, worklist.batch_id) or {}).get("uploaded_at"),
-        "claimed_at": claimed,
-        "finished_at": finished,
-        "processing_seconds": (finished - claimed).total_seconds()
-        if claimed and finished
-        else None,
-        "qc_report": worklist.qc_report,
-        "recipe_version": protocol.recipe_version if protocol else None,
-        "code_version": __version__,
+        "claimed_at": first.get(BatchState.PROCESSING.value),
+        "finished_at": first.get(state.value),
     }
+    row = rows.batch_row(worklist, protocol, state.value, records, times, __version__)
     protocol_part = worklist.protocol_id if trusted else tables.UNKNOWN
     site_part = worklist.site_id if trusted else tables.UNKNOWN
     tables.write_batch(home, "batches", protocol_part, site_part, worklist.batch_id, [row])
