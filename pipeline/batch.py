@@ -13,10 +13,13 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.exc import DBAPIError
 
 from pipeline import (
     __version__,
@@ -89,6 +92,7 @@ def claim(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
         numbered = original_path(home, batch_id, entry)
         if source is not None and (source.is_file() or numbered.exists()):
             atomic.move_file(source, numbered)
+            faults.checkpoint("claim")
         elif not entry.reason:
             entry.refuse(Reason.FILE_MISSING)
         if entry.reason or not numbered.exists():
@@ -421,13 +425,15 @@ def verify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
         ):
             if refused:
                 entry.refuse(*refused)
+            faults.checkpoint("verify")
     log.info("verified batch %s: %d files clean", batch_id, len(worklist.in_play()))
     return worklist.save(_state(home, batch_id, "verify"))
 
 
 def validate(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
     """Check the protocol's required tags (Great Expectations, with Data Docs per batch)
-    on the values deidentify took from each de-identified header; spot duplicates."""
+    on the values deidentify took from each de-identified header; reserve each passing
+    file's archive slot, or mark it a duplicate or a conflict."""
     from pipeline import validate as rules
 
     worklist = _load(home, batch_id, "verify")
@@ -439,43 +445,46 @@ def validate(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
         docs = home.qc_report(batch_id)
         for finding in rules.check_batch(protocol, metadata, docs, run_name=batch_id):
             entry = by_no[finding.file_no]
-            entry.findings.append(
-                {
-                    "attribute": finding.keyword,
-                    "modality": finding.modality,
-                    "expectation": finding.expectation,
-                    "reason": finding.reason.value,
-                    "action": finding.action,
-                    "observed": finding.observed,
-                    "detail": finding.detail,
-                }
-            )
+            entry.findings.append(finding.record())
             if finding.quarantine and entry.reason is None:
                 entry.refuse(finding.reason, finding.detail)
         if (docs / "index.html").exists():
             worklist.qc_report = str((docs / "index.html").relative_to(home.root))
         _mark_duplicates(home, worklist)
+        faults.checkpoint("validate")
     log.info("validated batch %s: %d files pass", batch_id, len(worklist.in_play()))
     return worklist.save(_state(home, batch_id, "validate"))
 
 
 def _mark_duplicates(home: DataHome, worklist: Worklist) -> None:
-    """Same instance already archived: same bytes -> duplicate, other bytes -> conflict."""
-    seen: dict[str, str] = {}
-    for entry in worklist.in_play():
-        uid = str(entry.sop_uid)
-        if uid in seen:
-            if seen[uid] == entry.sha256_out:
-                entry.duplicate = True
-            else:
-                entry.refuse(Reason.SOP_INSTANCE_CONFLICT, "two files of this batch")
+    """Reserve each file's archive slot in the ledger and judge it by who holds the slot:
+    this file goes on to the archive; another file (of an earlier batch, of a batch being
+    processed at the same time, or of this batch) makes it a duplicate when the bytes are
+    the same and a conflict when they differ. Deciding and reserving is one transaction,
+    so two batches of the same upload can never both archive an instance; a retry of
+    this task finds its own reservations."""
+    entries = worklist.in_play()
+    for entry in entries:
+        entry.archive_path = _archive_relative(worklist, entry)
+    holders = ledger.reserve_archive_slots(
+        home,
+        worklist.batch_id,
+        [
+            ledger.ArchiveSlot(
+                str(entry.sop_uid), entry.file_no, str(entry.sha256_out), entry.archive_path
+            )
+            for entry in entries
+        ],
+    )
+    for entry in entries:
+        holder = holders[str(entry.sop_uid)]
+        if (holder.batch_id, holder.file_no) == (worklist.batch_id, entry.file_no):
             continue
-        seen[uid] = str(entry.sha256_out)
-        owner = ledger.archived_owner(home, uid)
-        if owner is None or owner["batch_id"] == worklist.batch_id:
-            continue
-        if owner["sha256_out"] == entry.sha256_out:
+        if holder.sha256_out == entry.sha256_out:
             entry.duplicate = True
+            entry.archive_path = None
+        elif holder.batch_id == worklist.batch_id:
+            entry.refuse(Reason.SOP_INSTANCE_CONFLICT, "differs from another file of this batch")
         else:
             entry.refuse(Reason.SOP_INSTANCE_CONFLICT, "differs from the archived instance")
 
@@ -502,38 +511,8 @@ def write_tables(home: DataHome, batch_id: str, run_id: str | None = None) -> Pa
         "recipe_version": _recipe_version(worklist.protocol_id) or "",
         "code_version": __version__,
     }
-    identity = {
-        "batch_id": batch_id,
-        "subject_id": worklist.subject_id,
-        "arm": worklist.arm,
-        "visit": worklist.visit,
-    }
-    instances = []
-    for entry in worklist.in_play():
-        entry.archive_path = _archive_relative(worklist, entry)
-        instances.append(
-            {
-                **(entry.row or {}),
-                **identity,
-                "file_size_bytes": entry.size_out,
-                "sha256": entry.sha256_out,
-                "archive_path": entry.archive_path,
-                **versions,
-            }
-        )
-    findings = [
-        {
-            **identity,
-            **finding,
-            "file_no": entry.file_no,
-            "sop_instance_uid": entry.sop_uid,
-            "series_uid": entry.series_uid,
-            **versions,
-        }
-        for entry in worklist.files
-        if not worklist.batch_reason
-        for finding in entry.findings
-    ]
+    instances = rows.instance_rows(worklist, versions)
+    findings = rows.finding_rows(worklist, versions)
     if worklist.protocol_id and worklist.site_id:
         for table, table_rows in (
             ("instances", instances),
@@ -543,6 +522,7 @@ def write_tables(home: DataHome, batch_id: str, run_id: str | None = None) -> Pa
             tables.write_batch(
                 home, table, worklist.protocol_id, worklist.site_id, batch_id, table_rows
             )
+            faults.checkpoint("write_tables")
     log.info("tables for batch %s: %d instance rows", batch_id, len(instances))
     return worklist.save(_state(home, batch_id, "tables"))
 
@@ -550,20 +530,13 @@ def write_tables(home: DataHome, batch_id: str, run_id: str | None = None) -> Pa
 def route(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
     """Copy each verified, validated file into its arm archive (atomic, idempotent), on
     the data home's disk or an object store: a file whose archived copy has the same
-    SHA-256 is not written again."""
+    SHA-256 is not written again. Validate reserved each file's slot, so no other batch
+    writes the same instance."""
     worklist = _load(home, batch_id, "tables")
     for entry in worklist.in_play():
         target = home.archive / str(entry.archive_path)
         if store.sha256(target) != entry.sha256_out:
             store.put_file(home.claimed_batch(batch_id) / str(entry.staged), target)
-        ledger.claim_archive_slot(
-            home,
-            str(entry.sop_uid),
-            batch_id,
-            entry.file_no,
-            str(entry.sha256_out),
-            str(entry.archive_path),
-        )
         faults.checkpoint("route")
     atomic.sync()
     log.info("routed batch %s: %d files archived", batch_id, len(worklist.in_play()))
@@ -606,6 +579,7 @@ def finalize(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
         "code_version": __version__,
         "dag_run_id": run_id,
     }
+    faults.checkpoint("finalize")
     ledger.record_files(home, batch_id, records, **versions)
     state = BatchState.QUARANTINED if worklist.batch_reason else BatchState.DONE
     ledger.set_state(
@@ -682,38 +656,13 @@ def _write_batch_row(
     except ProtocolError:
         protocol = None
     trusted = protocol is not None and worklist.site_id in protocol.sites
-    enrolled = worklist.arm is not None
-    times = ledger.state_times(home, worklist.batch_id)
-    claimed = times.get(BatchState.PROCESSING.value)
-    finished = times.get(state.value)
-    by = {d: [r for r in records if r.disposition == d] for d in Disposition}
-    row = {
-        "batch_id": worklist.batch_id,
-        "subject_id": worklist.subject_id if enrolled else None,
-        "arm": worklist.arm if enrolled else None,
-        "visit": worklist.visit if trusted and worklist.visit in protocol.visit_ids else None,
-        "state": state.value,
-        "reason": worklist.batch_reason,
-        "files": len(records),
-        "archived": len(by[Disposition.ARCHIVED]),
-        "quarantined": len(by[Disposition.QUARANTINED]),
-        "released": len(by[Disposition.RELEASED]),
-        "duplicates": len(by[Disposition.DUPLICATE]),
-        "flagged": sum(1 for r in by[Disposition.ARCHIVED] if r.detail),
-        "bytes_uploaded": sum(int(r.size or 0) for r in records),
-        "bytes_archived": sum(
-            int(e.size_out or 0) for e in worklist.files if e.in_play and not worklist.batch_reason
-        ),
+    first = ledger.state_times(home, worklist.batch_id)
+    times = {
         "uploaded_at": (ledger.batch_row(home, worklist.batch_id) or {}).get("uploaded_at"),
-        "claimed_at": claimed,
-        "finished_at": finished,
-        "processing_seconds": (finished - claimed).total_seconds()
-        if claimed and finished
-        else None,
-        "qc_report": worklist.qc_report,
-        "recipe_version": protocol.recipe_version if protocol else None,
-        "code_version": __version__,
+        "claimed_at": first.get(BatchState.PROCESSING.value),
+        "finished_at": first.get(state.value),
     }
+    row = rows.batch_row(worklist, protocol, state.value, records, times, __version__)
     protocol_part = worklist.protocol_id if trusted else tables.UNKNOWN
     site_part = worklist.site_id if trusted else tables.UNKNOWN
     tables.write_batch(home, "batches", protocol_part, site_part, worklist.batch_id, [row])
@@ -765,11 +714,20 @@ def run_task(
         return str(done)
     try:
         return str(TASKS[step](home, batch_id, run_id=run_id))
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            # Said without the path: the file name is not the problem, the disk is.
-            raise DiskFull(
-                f"no space left on the data home's disk during {step} of batch {batch_id};"
-                " free space and the task is retried"
-            ) from None
-        raise
+    except (OSError, DBAPIError) as error:
+        if not _disk_full(error):
+            raise
+        # Said without the path (the file name is not the problem, the disk is) and
+        # without the database error, which quotes the statement's values.
+        raise DiskFull(
+            f"no space left on the data home's disk during {step} of batch {batch_id};"
+            " free space and the task is retried"
+        ) from None
+
+
+def _disk_full(error: OSError | DBAPIError) -> bool:
+    """A write failed for want of space: ENOSPC, or SQLite's SQLITE_FULL (the ledger's or
+    the restricted store's database on the data home)."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    return getattr(error.orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL

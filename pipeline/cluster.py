@@ -28,6 +28,7 @@ from pipeline.embedded import (
     SIMPLE_AUTH_MANAGER,
     Components,
     EmbeddedAirflowError,
+    Stopped,
     jwt_secret,
 )
 from pipeline.home import DataHome, dags_dir
@@ -155,13 +156,14 @@ class Cluster:
         if self.components is not None:
             self.components.check_alive()
 
-    def stop(self, timeout: float = 60.0) -> dict[str, int]:
-        """SIGTERM the components in a safe order, wait; each one's exit code."""
+    def stop(self, timeout: float = 60.0) -> Stopped:
+        """SIGTERM the components in a safe order, wait; their exit codes and what had to
+        be killed (nothing, when every component exits cleanly with its processes)."""
         if self.components is None:
-            return {}
-        codes = self.components.stop(timeout)
+            return Stopped({}, {})
+        stopped = self.components.stop(timeout)
         self.components = None
-        return codes
+        return stopped
 
     @property
     def pids(self) -> dict[str, int]:

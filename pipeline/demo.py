@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline import enrollment, intake, ledger
 from pipeline.embedded import run_ready_batches
 from pipeline.home import DataHome
-from pipeline.protocol import load_protocol
+from pipeline.protocol import Protocol, load_protocol
 from pipeline.report import write_arm_report
 from pipeline.synth import SyntheticTrial, make_trial, make_wrong_patient_batch
 
@@ -43,11 +43,15 @@ def run_demo(home: DataHome, subjects_per_site: int = 2) -> str:
         second = run_ready_batches(home)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = write_arm_report(home, protocol)
+    return report(home, protocol, {**first, **second})
+
+
+def report(home: DataHome, protocol: Protocol, runs: dict[str, str]) -> str:
+    """The demo's last step, once every batch ran (``runs``: ``{batch_id: DAG run state}``):
+    write the arm report and its blinded twin, and return the summary to print."""
+    arms = write_arm_report(home, protocol)
     blinded = write_arm_report(home, protocol, blinded=True)
-    return summary(home, {**first, **second}) + (
-        f"\narm report: {report.html}\n   blinded: {blinded.html}"
-    )
+    return summary(home, runs) + f"\narm report: {arms.html}\n   blinded: {blinded.html}"
 
 
 def upload_trial(home: DataHome, trial: SyntheticTrial) -> dict[str, str]:

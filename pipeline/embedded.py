@@ -23,9 +23,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.home import DataHome, dags_dir
+
+if TYPE_CHECKING:
+    import psutil
 
 DAG_ID = "trialpipe_ingest"
 COMPACT_DAG_ID = "trialpipe_compact"
@@ -100,26 +105,70 @@ def _die_with_parent() -> None:  # runs in the child before exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _kill_sessions(sessions: dict[int, float]) -> None:
-    """Kill every process of the given sessions (leader PID -> leader's start time). Each
-    component leads its own session (setsid), so every process it started, task processes
-    included, even orphaned ones, carries the component's PID as its session ID."""
+def _session_processes(sessions: dict[int, float]) -> dict[int, list[psutil.Process]]:
+    """The live processes of the given sessions (leader PID -> leader's start time), by
+    leader. Each component leads its own session (setsid), so every process it started,
+    task processes included, even orphaned ones, carries the component's PID as its session
+    ID; the start time tells a reused PID apart."""
     import psutil
 
+    found: dict[int, list[psutil.Process]] = {}
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
             leader = os.getsid(process.pid)
-            if leader in sessions and process.create_time() >= sessions[leader] - 0.01:
+            if (
+                leader in sessions
+                and process.create_time() >= sessions[leader] - 0.01
+                and process.status() != psutil.STATUS_ZOMBIE  # already gone, not yet reaped
+            ):
+                found.setdefault(leader, []).append(process)
+    return found
+
+
+def _kill_sessions(sessions: dict[int, float]) -> dict[int, list[str]]:
+    """Kill every live process of the given sessions; return what was killed, by session
+    leader, as ``"<process name> (pid N)"`` (a name, never a command line)."""
+    import psutil
+
+    killed: dict[int, list[str]] = {}
+    for leader, processes in _session_processes(sessions).items():
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                described = f"{process.name()} (pid {process.pid})"
                 process.kill()
+                killed.setdefault(leader, []).append(described)
+    return killed
+
+
+# The scheduler first, so nothing new is queued; the api-server last: running task processes
+# (a Celery worker's too, which finishes them on SIGTERM) still need it.
+STOP_ORDER = ("scheduler", "triggerer", "dag-processor", "celery-worker", "api-server")
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """How :meth:`Components.stop` went.
+
+    ``exit_codes``: each component's exit code (negative: the signal that ended it).
+    ``killed``: per component, the processes of its session that had to be killed: the
+    component itself if it ignored SIGTERM, and whatever outlived it. A clean stop kills
+    nothing.
+    """
+
+    exit_codes: dict[str, int]
+    killed: dict[str, list[str]]
 
 
 class Components:
     """Airflow components as child processes, stopped (with their task processes) on exit.
 
     Used by the embedded mode and by the multi-process deployment (``pipeline.cluster``).
+    ``program`` is what each component runs with its arguments (default: this environment's
+    ``airflow``).
     """
 
-    def __init__(self, home: DataHome, env: dict[str, str]) -> None:
+    def __init__(self, home: DataHome, env: dict[str, str], program: str | None = None) -> None:
+        self.program = program or str(Path(sys.executable).parent / "airflow")
         self.env = {**os.environ, **env}
         self.logs = home.airflow / "process-logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -141,10 +190,9 @@ class Components:
     def start(self, name: str, args: list[str]) -> None:
         import psutil
 
-        airflow = str(Path(sys.executable).parent / "airflow")
         with open(self.logs / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
-                [airflow, *args],
+                [self.program, *args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -162,29 +210,38 @@ class Components:
                     f"see {self.logs / (name + '.log')}"
                 )
 
-    def stop(self, timeout: float = 30.0) -> dict[str, int]:
-        """SIGTERM each component, wait, kill what is left of their sessions; return each
-        component's exit code (negative: the signal that ended it)."""
+    def stop(self, timeout: float = 30.0, grace: float = 5.0) -> Stopped:
+        """SIGTERM each component and wait up to ``timeout`` for it to exit (killing it
+        then); give what is left of their sessions ``grace`` seconds to exit, kill the rest.
+        Nothing survives; the result says what had to be killed."""
         import psutil
 
         sessions = {}
         for process in self.procs.values():
             with contextlib.suppress(psutil.Error):
                 sessions[process.pid] = psutil.Process(process.pid).create_time()
-        # The scheduler first, so nothing new is queued; the api-server last: running task
-        # processes (a Celery worker's too, which finishes them on SIGTERM) still need it.
-        for name in ("scheduler", "triggerer", "dag-processor", "celery-worker", "api-server"):
-            process = self.procs.get(name)
-            if process and process.poll() is None:
+        killed: dict[str, list[str]] = {}
+        order = [n for n in STOP_ORDER if n in self.procs]
+        order += [n for n in self.procs if n not in STOP_ORDER]
+        for name in order:
+            process = self.procs[name]
+            if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 try:
                     process.wait(timeout)
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-        _kill_sessions(sessions)
+                    killed[name] = [f"{name} (pid {process.pid})"]
+        # A process still running once its component has exited did not stop with it; one
+        # already on its way out gets a moment to finish.
+        leftovers = [p for found in _session_processes(sessions).values() for p in found]
+        psutil.wait_procs(leftovers, timeout=grace)
+        component = {process.pid: name for name, process in self.procs.items()}
+        for leader, processes in _kill_sessions(sessions).items():
+            killed.setdefault(component[leader], []).extend(processes)
         self.pidfile.unlink(missing_ok=True)
-        return {name: process.wait() for name, process in self.procs.items()}
+        return Stopped({name: process.wait() for name, process in self.procs.items()}, killed)
 
 
 def _configure(home: DataHome, port: int) -> dict[str, str]:

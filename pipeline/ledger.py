@@ -3,8 +3,9 @@
 Trials are regulated (GCP; 21 CFR Part 11 asks for audit trails), so nothing here is ever
 updated or deleted: a batch's state changes and a file's dispositions are events appended
 with a timestamp, and the current state is the latest event. Database triggers refuse
-UPDATE and DELETE on every ledger table (SQLite in the embedded mode, PostgreSQL in
-production: the same SQLAlchemy schema; ``$TRIALPIPE_LEDGER_URL`` selects the database).
+UPDATE, DELETE and (PostgreSQL) TRUNCATE on every ledger table (SQLite in the embedded mode,
+PostgreSQL in production: the same SQLAlchemy schema; ``$TRIALPIPE_LEDGER_URL`` selects the
+database).
 
 Holds no PHI: batches are named by generated IDs, files by their number in the batch and
 their checksums, never by their original names or contents. Subject and visit are recorded
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -31,6 +32,7 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from pipeline import db
@@ -114,6 +116,15 @@ for _table in (batches, batch_events, file_events, archive_index):
         DDL(
             f"CREATE TRIGGER {_table.name}_append_only BEFORE UPDATE OR DELETE ON {_table.name}"
             " FOR EACH ROW EXECUTE FUNCTION trialpipe_append_only()"
+        ).execute_if(dialect="postgresql"),
+    )
+    # Row triggers never fire on TRUNCATE, which empties a table without touching a row.
+    event.listen(
+        _table,
+        "after_create",
+        DDL(
+            f"CREATE TRIGGER {_table.name}_no_truncate BEFORE TRUNCATE ON {_table.name}"
+            " FOR EACH STATEMENT EXECUTE FUNCTION trialpipe_append_only()"
         ).execute_if(dialect="postgresql"),
     )
     for _verb in ("UPDATE", "DELETE"):
@@ -285,41 +296,74 @@ def record_files(
     return len(rows)
 
 
-def archived_owner(home: DataHome, sop_instance_uid: str) -> dict[str, Any] | None:
-    """Which batch archived this (pseudonymised) SOP Instance UID, and with what checksum."""
-    with _engine(home).connect() as conn:
-        row = conn.execute(
-            select(archive_index).where(archive_index.c.sop_instance_uid == sop_instance_uid)
-        ).first()
-    return _row(row._mapping) if row else None
+@dataclass(frozen=True)
+class ArchiveSlot:
+    """One instance's place in the arm archive, as a batch asks to hold it."""
+
+    sop_instance_uid: str
+    file_no: int
+    sha256_out: str
+    archive_path: str
 
 
-def claim_archive_slot(
-    home: DataHome,
-    sop_instance_uid: str,
-    batch_id: str,
-    file_no: int,
-    sha256_out: str,
-    archive_path: str,
-) -> None:
-    """Record that ``batch_id`` archived this instance (idempotent: the first owner stays)."""
-    with _engine(home).begin() as conn:
-        existing = conn.execute(
-            select(archive_index.c.batch_id).where(
-                archive_index.c.sop_instance_uid == sop_instance_uid
-            )
-        ).first()
-        if existing is None:
+@dataclass(frozen=True)
+class SlotHolder:
+    """The file holding an instance's archive slot: the first that reserved it."""
+
+    batch_id: str
+    file_no: int
+    sha256_out: str
+
+
+# Bound parameters per statement, well below SQLite's limit.
+_CHUNK = 500
+
+
+def reserve_archive_slots(
+    home: DataHome, batch_id: str, slots: Iterable[ArchiveSlot]
+) -> dict[str, SlotHolder]:
+    """Reserve each instance's archive slot for ``batch_id`` unless a file already holds
+    it; return every asked instance's holder (this batch's file, or the earlier one).
+
+    One transaction of insert-if-absent under the unique SOP Instance UID, so of two
+    batches deciding at once only one can hold an instance, and the other sees it held
+    (SQLite takes the database's write lock at the first insert; PostgreSQL makes the
+    second insert wait for the first transaction, then skip its row). Repeating a
+    reservation (a retried or resumed task) finds the batch's own. Sorted by UID so two
+    PostgreSQL transactions take their row locks in the same order and never deadlock.
+    """
+    wanted = sorted(slots, key=lambda slot: slot.sop_instance_uid)
+    if not wanted:
+        return {}
+    engine = _engine(home)
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    holders: dict[str, SlotHolder] = {}
+    with engine.begin() as conn:
+        for start in range(0, len(wanted), _CHUNK):
+            rows = [
+                {**asdict(slot), "batch_id": batch_id, "at": _now()}
+                for slot in wanted[start : start + _CHUNK]
+            ]
             conn.execute(
-                insert(archive_index).values(
-                    sop_instance_uid=sop_instance_uid,
-                    batch_id=batch_id,
-                    file_no=file_no,
-                    sha256_out=sha256_out,
-                    archive_path=archive_path,
-                    at=_now(),
-                )
+                dialect.insert(archive_index).on_conflict_do_nothing(
+                    index_elements=[archive_index.c.sop_instance_uid]
+                ),
+                rows,
             )
+        for start in range(0, len(wanted), _CHUNK):
+            uids = [slot.sop_instance_uid for slot in wanted[start : start + _CHUNK]]
+            for row in conn.execute(
+                select(
+                    archive_index.c.sop_instance_uid,
+                    archive_index.c.batch_id,
+                    archive_index.c.file_no,
+                    archive_index.c.sha256_out,
+                ).where(archive_index.c.sop_instance_uid.in_(uids))
+            ):
+                holders[row.sop_instance_uid] = SlotHolder(
+                    row.batch_id, row.file_no, row.sha256_out
+                )
+    return holders
 
 
 def _summaries(conn: Connection, batch_id: str | None = None) -> list[dict[str, Any]]:

@@ -128,12 +128,14 @@ _INFO: dict[Reason, ReasonInfo] = {
     ),
     Reason.VALUE_OUT_OF_RANGE: ReasonInfo(
         Scope.FILE,
-        "An acquisition parameter is outside the range the protocol allows.",
+        "An acquisition parameter is outside the range or the values the protocol allows, or"
+        " is not a number where the protocol sets a range.",
         "Check the scan against the imaging manual; a repeat scan may be required.",
     ),
     Reason.SOP_INSTANCE_CONFLICT: ReasonInfo(
         Scope.FILE,
-        "An image with the same SOP Instance UID but different content is already archived.",
+        "An image with the same SOP Instance UID but different content is already archived"
+        " (or is in the same upload).",
         "Tell the core lab whether this image replaces the earlier one.",
     ),
     Reason.UNENROLLED_SUBJECT: ReasonInfo(

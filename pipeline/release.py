@@ -13,11 +13,15 @@ old one, so ``trialpipe audit`` follows a file from upload to its final disposit
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import getpass
+import json
+import os
 from pathlib import Path
+from typing import Any
 
-from pipeline import atomic, intake, ledger, quarantine, store
+from pipeline import atomic, faults, intake, ledger, quarantine, store
 from pipeline.batch import refresh_batch_counts
 from pipeline.home import DataHome
 from pipeline.protocol import ProtocolError, load_protocol
@@ -43,7 +47,33 @@ def release(
     home: DataHome, batch_id: str, file_nos: set[int] | None = None, by: str | None = None
 ) -> tuple[str, int]:
     """Release the batch's quarantined files (or those numbered ``file_nos``) into a new
-    READY batch; return its ID and how many files it holds."""
+    READY batch; return its ID and how many files it holds.
+
+    The release is planned before any file moves (``quarantine/<batch>/release.json``: the
+    new batch's ID, the files, who and when), and every step after is safe to repeat, so
+    a release cut off half-way (a crash, kill -9) is finished by the next release of the
+    same batch, whatever that one asks: the planned files go to the planned batch, none
+    lost, none twice."""
+    plan = _pending(home, batch_id) or _plan(home, batch_id, file_nos, by)
+    return _carry_out(home, batch_id, plan)
+
+
+PLAN = "release.json"
+_MOVING, _RECORDED = "moving", "recorded"
+
+
+def _pending(home: DataHome, batch_id: str) -> dict[str, Any] | None:
+    """The plan of a release of this batch that was cut off, if any."""
+    try:
+        return json.loads((home.quarantined_batch(batch_id) / PLAN).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _plan(
+    home: DataHome, batch_id: str, file_nos: set[int] | None, by: str | None
+) -> dict[str, Any]:
+    """Check the release may go ahead, choose its files and save the plan."""
     record = quarantine.read_record(home, batch_id)
     summary = ledger.batch_row(home, batch_id)
     if record is None or summary is None:
@@ -58,13 +88,13 @@ def release(
     except ProtocolError as error:
         raise ReleaseRefused(str(error)) from None
     current = {
-        row["file_no"]: row
+        row["file_no"]
         for row in ledger.file_rows(home, batch_id)
         if row["disposition"] == Disposition.QUARANTINED.value
     }
     folder = home.quarantined_batch(batch_id)
     chosen = [
-        item
+        {"file_no": item["file_no"], "path": item["path"]}
         for item in record["files"]
         if item["file_no"] in current
         and (file_nos is None or item["file_no"] in file_nos)
@@ -75,76 +105,125 @@ def release(
         raise ReleaseRefused(f"not quarantined in batch {batch_id}: file(s) {missing}")
     if not chosen:
         raise ReleaseRefused(f"batch {batch_id} has no quarantined file left to release")
-    new_id = intake.new_batch_id()
+    plan = {
+        "batch_id": intake.new_batch_id(),
+        "files": chosen,
+        "uploader": by or getpass.getuser(),
+        "uploaded_at": dt.datetime.now(dt.UTC).isoformat(),
+        "stage": _MOVING,
+    }
+    store.write_json(folder / PLAN, plan)
+    return plan
+
+
+def _carry_out(home: DataHome, batch_id: str, plan: dict[str, Any]) -> tuple[str, int]:
+    """Move the planned files into the new batch, record the release on both sides, then
+    make the batch READY; each step finds what an interrupted run of it left done."""
+    record = quarantine.read_record(home, batch_id)
+    assert record is not None  # the plan was made from it, and it is rewritten, not removed
+    new_id, chosen, uploader = plan["batch_id"], plan["files"], plan["uploader"]
+    folder = home.quarantined_batch(batch_id)
     target = home.batch_upload_dir(record["protocol_id"], record["site_id"], new_id)
     # An upload area on an object store takes the batch once it is built, READY last.
     building = Path(target) if store.is_local(target) else home.claimed / f".release-{new_id}"
-    entries = []
-    for item in chosen:
-        moved = building / intake.FILES / item["path"]
-        store.move_to_local(folder / intake.FILES / item["path"], moved)
-        entries.append(
+    if plan["stage"] == _MOVING:
+        entries = []
+        for item in chosen:
+            moved = building / intake.FILES / item["path"]
+            store.move_to_local(folder / intake.FILES / item["path"], moved)
+            faults.checkpoint("release_moves")
+            entries.append(
+                {
+                    "path": item["path"],
+                    "sha256": intake.sha256_file(moved),
+                    "size": moved.stat().st_size,
+                    "released_from": f"{batch_id}:{item['file_no']}",
+                }
+            )
+        atomic.write_json(
+            building / intake.MANIFEST,
             {
-                "path": item["path"],
-                "sha256": intake.sha256_file(moved),
-                "size": moved.stat().st_size,
-                "released_from": f"{batch_id}:{item['file_no']}",
-            }
+                "batch_id": new_id,
+                "protocol_id": record["protocol_id"],
+                "site_id": record["site_id"],
+                "subject_id": record["subject_id"],
+                "visit": record["visit"],
+                "uploader": uploader,
+                "uploaded_at": plan["uploaded_at"],
+                "released_from": batch_id,
+                "files": entries,
+            },
         )
-    uploader = by or getpass.getuser()
-    manifest = {
-        "batch_id": new_id,
-        "protocol_id": record["protocol_id"],
-        "site_id": record["site_id"],
-        "subject_id": record["subject_id"],
-        "visit": record["visit"],
-        "uploader": uploader,
-        "uploaded_at": dt.datetime.now(dt.UTC).isoformat(),
-        "released_from": batch_id,
-        "files": entries,
-    }
-    atomic.write_json(building / intake.MANIFEST, manifest)
+        _record(home, batch_id, record, plan, len(entries))
+        plan["stage"] = _RECORDED
+        store.write_json(folder / PLAN, plan)
+    faults.checkpoint("release_publish")
+    _publish(home, new_id, building, target)
+    (folder / PLAN).unlink(missing_ok=True)
+    return new_id, len(chosen)
+
+
+def _record(
+    home: DataHome, batch_id: str, record: dict[str, Any], plan: dict[str, Any], count: int
+) -> None:
+    """The release in the ledger (both batches), quarantine.json and the batches table;
+    a repeat appends and changes nothing."""
+    new_id, uploader = plan["batch_id"], plan["uploader"]
     ledger.register_batch(
         home,
         new_id,
         record["protocol_id"],
         record["site_id"],
-        files=len(entries),
+        files=count,
         uploader=uploader,
-        uploaded_at=manifest["uploaded_at"],
+        uploaded_at=plan["uploaded_at"],
         released_from=batch_id,
     )
+    # A repeat finds the files already released: their rows say the same.
+    rows = {row["file_no"]: row for row in ledger.file_rows(home, batch_id)}
     ledger.record_files(
         home,
         batch_id,
         [
             ledger.FileRecord(
                 item["file_no"],
-                current[item["file_no"]]["sha256_in"],
-                current[item["file_no"]]["size"],
+                rows[item["file_no"]]["sha256_in"],
+                rows[item["file_no"]]["size"],
                 Disposition.RELEASED,
-                current[item["file_no"]]["reason"],
+                rows[item["file_no"]]["reason"],
                 f"released to batch {new_id}",
             )
-            for item in chosen
+            for item in plan["files"]
         ],
     )
+    summary = ledger.batch_row(home, batch_id)
+    assert summary is not None  # the plan was made for a registered batch
     ledger.set_state(
         home,
         batch_id,
         BatchState(summary["state"]),
-        f"released {len(chosen)} file(s) to batch {new_id} by {uploader}",
+        f"released {count} file(s) to batch {new_id} by {uploader}",
         reason=summary["reason"],
     )
+    planned = {item["file_no"] for item in plan["files"]}
     for item in record["files"]:
-        if item in chosen:
+        if item["file_no"] in planned:
             item["released_to"] = new_id
             item["present"] = False
-    store.write_json(folder / quarantine.RECORD, record)
+    store.write_json(home.quarantined_batch(batch_id) / quarantine.RECORD, record)
     refresh_batch_counts(home, batch_id)
+
+
+def _publish(home: DataHome, new_id: str, building: Path, target: store.Location) -> None:
+    """Make the new batch READY in the upload area, unless an earlier attempt did and the
+    ingest has taken it since (claimed, or finalized)."""
+    if home.claimed_batch(new_id).exists() or home.batch_record(new_id).exists():
+        return
     if store.is_local(target):
-        atomic.write_bytes(building / intake.READY, b"")
-    else:
+        # Created, never written: an empty file appears whole. Its folder is not created
+        # again: a claim that renamed it away meanwhile has the batch.
+        with contextlib.suppress(FileNotFoundError):
+            os.close(os.open(Path(target) / intake.READY, os.O_WRONLY | os.O_CREAT, 0o644))
+    elif building.exists():  # gone once the upload finished
         intake.upload_folder(building, target)
         intake.remove_tree(building)
-    return new_id, len(entries)

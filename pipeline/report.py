@@ -282,7 +282,7 @@ def _html(
         + _table("parameters-table", PARAMETER_COLUMNS, parameter_rows)
         + '</section><section id="visits"><h2>Visits per subject</h2><p class="meta">'
         + ", ".join(f"{escape(k)}: {n}" for k, n in sorted(statuses.items()))
-        + ". A visit is on time within its window around the target day; missing once the"
+        + ". Each visit is on time within its window around the target day; missing once the"
         " window has passed with no archived images; quarantined when its upload was refused.</p>"
         + _table("visits-table", VISIT_COLUMNS, visit_rows)
         + "</section></body></html>\n"

@@ -2,15 +2,24 @@
 
 Only attributes read from the de-identified output reach a row; acquisition parameters are
 typed numbers (``None`` when absent or unreadable), never free text from the original.
+Every row of every table is built here: the instances, series and qc_findings rows by the
+write_tables task, the batches row by finalize.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
+
+from pipeline.reasons import Disposition
+from pipeline.worklist import Worklist
+
+if TYPE_CHECKING:
+    from pipeline.ledger import FileRecord
+    from pipeline.protocol import Protocol
 
 
 def _values(value: Any) -> list[Any]:
@@ -175,3 +184,97 @@ def series_rows(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return result
+
+
+def _identity(worklist: Worklist) -> dict[str, Any]:
+    return {
+        "batch_id": worklist.batch_id,
+        "subject_id": worklist.subject_id,
+        "arm": worklist.arm,
+        "visit": worklist.visit,
+    }
+
+
+def instance_rows(worklist: Worklist, versions: dict[str, str]) -> list[dict[str, Any]]:
+    """The instances rows of a batch: each file still heading for the archive, with the
+    header columns deidentify took (``entry.row``), its archived size, checksum and path
+    (``archive_path`` set), and ``versions`` (recipe_version, code_version)."""
+    identity = _identity(worklist)
+    return [
+        {
+            **(entry.row or {}),
+            **identity,
+            "file_size_bytes": entry.size_out,
+            "sha256": entry.sha256_out,
+            "archive_path": entry.archive_path,
+            **versions,
+        }
+        for entry in worklist.in_play()
+    ]
+
+
+def finding_rows(worklist: Worklist, versions: dict[str, str]) -> list[dict[str, Any]]:
+    """The qc_findings rows of a batch: every finding validate recorded on a file (none
+    when the whole batch was refused: its files were never judged on their own). The
+    finding's ``detail`` goes to the ledger, not the table."""
+    identity = _identity(worklist)
+    return [
+        {
+            **identity,
+            **{key: value for key, value in finding.items() if key != "detail"},
+            "file_no": entry.file_no,
+            "sop_instance_uid": entry.sop_uid,
+            "series_uid": entry.series_uid,
+            **versions,
+        }
+        for entry in worklist.files
+        if not worklist.batch_reason
+        for finding in entry.findings
+    ]
+
+
+def batch_row(
+    worklist: Worklist,
+    protocol: Protocol | None,
+    state: str,
+    records: list[FileRecord],
+    times: dict[str, dt.datetime | None],
+    code_version: str,
+) -> dict[str, Any]:
+    """The batches row of a finalized batch. ``protocol`` is None when the batch names no
+    known protocol; identity values are kept only once trusted (a batch refused at claim
+    may carry anything a site typed). ``times``: uploaded_at, claimed_at, finished_at, as
+    the ledger first recorded them, so rewriting the row gives the same row."""
+    trusted = protocol is not None and worklist.site_id in protocol.sites
+    enrolled = worklist.arm is not None
+    claimed, finished = times.get("claimed_at"), times.get("finished_at")
+    by = {d: [r for r in records if r.disposition == d] for d in Disposition}
+    return {
+        "batch_id": worklist.batch_id,
+        "subject_id": worklist.subject_id if enrolled else None,
+        "arm": worklist.arm if enrolled else None,
+        "visit": worklist.visit
+        if trusted and protocol and worklist.visit in protocol.visit_ids
+        else None,
+        "state": state,
+        "reason": worklist.batch_reason,
+        "files": len(records),
+        "archived": len(by[Disposition.ARCHIVED]),
+        "quarantined": len(by[Disposition.QUARANTINED]),
+        "released": len(by[Disposition.RELEASED]),
+        "duplicates": len(by[Disposition.DUPLICATE]),
+        "flagged": sum(1 for r in by[Disposition.ARCHIVED] if r.detail),
+        "bytes_uploaded": sum(int(r.size or 0) for r in records),
+        "bytes_archived": sum(
+            int(e.size_out or 0) for e in worklist.files if e.in_play and not worklist.batch_reason
+        ),
+        "uploaded_at": times.get("uploaded_at"),
+        "claimed_at": claimed,
+        "finished_at": finished,
+        "processing_seconds": (finished - claimed).total_seconds()
+        if claimed and finished
+        else None,
+        "qc_report": worklist.qc_report,
+        "recipe_version": protocol.recipe_version if protocol else None,
+        "code_version": code_version,
+    }

@@ -30,7 +30,13 @@ from pipeline import store
 from pipeline.home import DataHome
 from pipeline.store import Location
 
-PARTITIONS = pa.schema([pa.field("protocol", pa.string()), pa.field("site", pa.string())])
+# Every file sits in a protocol=/site= folder, so the partition columns are never null.
+PARTITIONS = pa.schema(
+    [
+        pa.field("protocol", pa.string(), nullable=False),
+        pa.field("site", pa.string(), nullable=False),
+    ]
+)
 # Partition value for a batch whose protocol or site could not be trusted (batches table).
 UNKNOWN = "unknown"
 COMPACTED_PREFIX = "compacted-"

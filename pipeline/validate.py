@@ -1,9 +1,10 @@
 """Required-tag validation with Great Expectations, one suite per protocol and modality.
 
-The protocol's ``required_tags`` are compiled into expectations (not-null, range, allowed
-set) and run on the de-identified metadata of a batch. A failure becomes a finding with a
-reason code; the protocol's ``on_failure`` says whether it quarantines the file or only
-flags it. Great Expectations is imported here, inside the task, never at DAG parse time.
+The protocol's ``required_tags`` are compiled into expectations (not-null; for a range, a
+number within it; allowed set) and run on the de-identified metadata of a batch. A failure
+becomes a finding with a reason code; the protocol's ``on_failure`` says whether it
+quarantines the file or only flags it. Great Expectations is imported here, inside the
+task, never at DAG parse time.
 
 Each batch's validation results are rendered as GX Data Docs (HTML) under
 ``reports/qc/<batch>/``; the batch record and the batches table link to its index page.
@@ -17,6 +18,7 @@ import datetime as dt
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import types
@@ -68,6 +70,10 @@ def _defer_unused_imports() -> None:
             setattr(sys.modules[parent], child, module)
 
 
+# A finite number as :func:`normalise` writes it (Python's float repr: no inf, no nan).
+NUMBER = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?$")
+
+
 @dataclass(frozen=True)
 class Finding:
     """One failed rule for one file; ``quarantine`` False means archive and flag."""
@@ -89,6 +95,18 @@ class Finding:
     def action(self) -> str:
         return "quarantine" if self.quarantine else "flag"
 
+    def record(self) -> dict[str, Any]:
+        """The finding as the worklist carries it to the qc_findings row and the ledger."""
+        return {
+            "attribute": self.keyword,
+            "modality": self.modality,
+            "expectation": self.expectation,
+            "reason": self.reason.value,
+            "action": self.action,
+            "observed": self.observed,
+            "detail": self.detail,
+        }
+
 
 def normalise(value: Any) -> str | None:
     """A tag value as comparable text (numbers in one canonical form); None if empty."""
@@ -106,14 +124,18 @@ def normalise(value: Any) -> str | None:
         return text
 
 
-def first_number(value: Any) -> float | None:
-    """The first numeric value of a tag (for range rules on multi-valued attributes)."""
+def first_value(value: Any) -> str | None:
+    """The first value of a tag as comparable text (range rules look at the first value of a
+    multi-valued attribute, e.g. the row spacing of PixelSpacing); None if empty."""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         value = value[0] if len(value) else None
-    try:
-        return float(str(value).strip())
-    except (TypeError, ValueError):
-        return None
+    return normalise(value)
+
+
+def first_number(value: Any) -> float | None:
+    """The first value of a tag as a finite number; None when absent or not a number."""
+    text = first_value(value)
+    return float(text) if text is not None and NUMBER.match(text) else None
 
 
 def required_keywords(protocol: Protocol) -> set[str]:
@@ -169,21 +191,21 @@ def check_batch(
         selected = [r for r in rows if str(r.get("Modality", "")) == modality]
         if not selected:
             continue
-        frame = pd.DataFrame(
-            {
-                "file_no": [r["file_no"] for r in selected],
-                **{
-                    rule.keyword: [_cell(rule, r.get(rule.keyword)) for r in selected]
-                    for rule in rules
-                },
-            }
-        )
+        columns: dict[str, list[Any]] = {"file_no": [r["file_no"] for r in selected]}
+        for rule in rules:
+            values = [r.get(rule.keyword) for r in selected]
+            if _ranged(rule):
+                columns[rule.keyword] = [first_value(v) for v in values]
+                columns[_number_column(rule)] = [first_number(v) for v in values]
+            else:
+                columns[rule.keyword] = [normalise(v) for v in values]
+        frame = pd.DataFrame(columns)
         suite = context.suites.add(gx.ExpectationSuite(name=f"{protocol.protocol_id}.{modality}"))
-        meta: list[tuple[TagRule, Reason]] = []
+        meta: dict[tuple[str, str], tuple[TagRule, Reason]] = {}
         for rule in rules:
             for expectation, reason in _expectations(gx, rule):
                 suite.add_expectation(expectation)
-                meta.append((rule, reason))
+                meta[(expectation.expectation_type, expectation.column)] = (rule, reason)
         asset = source.add_dataframe_asset(modality)
         definition = asset.add_batch_definition_whole_dataframe(f"{modality}-rows")
         validation = context.validation_definitions.add(
@@ -240,22 +262,38 @@ def _publish_docs(building: Path, docs_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _cell(rule: TagRule, value: Any) -> Any:
-    if rule.min is not None or rule.max is not None:
-        return first_number(value)
-    return normalise(value)
+def _ranged(rule: TagRule) -> bool:
+    return rule.min is not None or rule.max is not None
+
+
+def _number_column(rule: TagRule) -> str:
+    """The column a range rule compares: the attribute's first value as a number."""
+    return f"{rule.keyword} (number)"
 
 
 def _expectations(gx: Any, rule: TagRule) -> list[tuple[Any, Reason]]:
+    """The rule as expectations, each with the reason its failure carries. A range rule
+    first checks that its attribute is a number, so a value present but not a number is
+    out of range, not missing."""
     column = rule.keyword
     made = [
         (gx.expectations.ExpectColumnValuesToNotBeNull(column=column), Reason.MISSING_REQUIRED_TAG)
     ]
-    if rule.min is not None or rule.max is not None:
+    if _ranged(rule):
+        made.append(
+            (
+                gx.expectations.ExpectColumnValuesToMatchRegex(
+                    column=column,
+                    regex=NUMBER.pattern,
+                    description=f"values of {column} must be numbers",
+                ),
+                Reason.VALUE_OUT_OF_RANGE,
+            )
+        )
         made.append(
             (
                 gx.expectations.ExpectColumnValuesToBeBetween(
-                    column=column, min_value=rule.min, max_value=rule.max
+                    column=_number_column(rule), min_value=rule.min, max_value=rule.max
                 ),
                 Reason.VALUE_OUT_OF_RANGE,
             )
@@ -272,22 +310,16 @@ def _expectations(gx: Any, rule: TagRule) -> list[tuple[Any, Reason]]:
     return made
 
 
-def _findings(result: Any, meta: list[tuple[TagRule, Reason]], modality: str) -> list[Finding]:
+def _findings(
+    result: Any, meta: dict[tuple[str, str], tuple[TagRule, Reason]], modality: str
+) -> list[Finding]:
     found: list[Finding] = []
-    by_key = {(rule.keyword, reason): rule for rule, reason in meta}
     for item in result.results:
-        if item.success:
-            continue
         column = item.expectation_config.kwargs.get("column")
         kind = item.expectation_config.type
-        reason = (
-            Reason.MISSING_REQUIRED_TAG
-            if kind == "expect_column_values_to_not_be_null"
-            else Reason.VALUE_OUT_OF_RANGE
-        )
-        rule = by_key.get((column, reason))
-        if rule is None:
+        if item.success or (kind, column) not in meta:
             continue
+        rule, reason = meta[(kind, column)]
         for unexpected in item.result.get("unexpected_index_list") or []:
             found.append(
                 Finding(

@@ -13,6 +13,11 @@ The trigger only reads. Claiming stays the ingest DAG's first task, so a batch w
 a slot of the ingest pool stays READY in the upload area. Nothing but batch IDs leaves this
 module: no file name, manifest value or path inside a batch.
 
+The triggerer must see the inbox the workers see (the data home mounted, or the same
+``$TRIALPIPE_INBOX_URL``). A local inbox folder that does not exist is said once in the
+triggerer's log, not taken for an empty inbox: a triggerer without the data home would
+otherwise announce nothing, forever, in silence.
+
 This module is imported when the intake DAG file is parsed, so it imports only the
 standard library and Airflow's trigger base at module level.
 """
@@ -28,15 +33,27 @@ from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 BATCH_IDS = "batch_ids"  # the event payload's one key
 
 
+class InboxNotFound(Exception):
+    """The upload area is a local folder that does not exist in this process: the data
+    home is not mounted here, or nothing has created its folders yet."""
+
+
 def ready_batch_ids(home: str | None = None) -> list[str]:
     """IDs of the batches waiting in the upload area (READY, not claimed), oldest first.
 
     ``home`` is the data home's root; None means ``$TRIALPIPE_HOME`` of this process.
+    Raises :class:`InboxNotFound` (whose message is the inbox's path) when the upload area
+    is a local folder that does not exist. (On an object store a prefix exists only while
+    objects are under it, so there an absent inbox is an empty one.)
     """
+    from pipeline import store
     from pipeline.home import data_home
     from pipeline.intake import ready_batches
 
-    return [batch.batch_id for batch in ready_batches(data_home(home))]
+    chosen = data_home(home)
+    if store.is_local(chosen.inbox) and not chosen.inbox.is_dir():
+        raise InboxNotFound(str(chosen.inbox))
+    return [batch.batch_id for batch in ready_batches(chosen)]
 
 
 class ReadyBatchTrigger(BaseEventTrigger):
@@ -62,14 +79,26 @@ class ReadyBatchTrigger(BaseEventTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Poll forever; yield one event per look that finds batches not announced before."""
         announced: set[str] = set()
+        missing = False  # said once per absence, not at every look
         while True:
             try:
                 # Listing folders blocks; the triggerer's event loop serves other triggers.
                 ready = await asyncio.to_thread(ready_batch_ids, self.home)
+            except InboxNotFound as error:
+                if not missing:
+                    self.log.warning(
+                        "inbox %s does not exist: no batch can be announced until it does "
+                        "(is the data home mounted in the triggerer? docs/deploy.md)",
+                        error,
+                    )
+                missing = True
             except OSError as error:
                 # A batch claimed mid-listing, a network filesystem's hiccup: look again.
                 self.log.warning("inbox listing failed (%s); retrying", type(error).__name__)
             else:
+                if missing:
+                    self.log.info("inbox found; watching it")
+                    missing = False
                 # A claimed batch never returns under its ID: forget it, keep the set small.
                 announced &= set(ready)
                 new = [batch_id for batch_id in ready if batch_id not in announced]

@@ -12,6 +12,7 @@ from pydicom import dcmread
 from pipeline import batch, intake, ledger
 from pipeline.home import REPO_ROOT
 from pipeline.protocol import load_protocol
+from tests.accounting import assert_accounted, files_in, stage
 
 
 def process(home, batch_id):
@@ -72,6 +73,29 @@ def test_a_file_over_the_size_limit_is_refused_unread(enrolled, trial, limited, 
     process(enrolled, batch_id)
     quarantined, state = outcome(enrolled, batch_id)
     assert quarantined == {"big.dcm": "file_too_large"} and state == "done"
+
+
+def test_an_empty_file_and_a_dicom_without_sop_instance_uid_among_good_files_are_refused_alone(
+    enrolled, trial, tmp_path
+):
+    planned = trial.batches[2]
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "empty.dcm").write_bytes(b"")
+    ds = dcmread(sorted((planned.folder / "CT").glob("*.dcm"))[0])
+    del ds.SOPInstanceUID
+    ds.save_as(odd / "no_uid.dcm")
+    batch_id, uploaded = stage(enrolled, planned, [planned.folder, odd])
+    process(enrolled, batch_id)
+    quarantined, state = outcome(enrolled, batch_id)
+    assert state == "done"
+    assert quarantined == {
+        "odd/empty.dcm": "empty_file",
+        "odd/no_uid.dcm": "missing_sop_instance_uid",
+    }
+    good = files_in([planned.folder])
+    assert ledger.batch_row(enrolled, batch_id)["archived"] == good == uploaded - 2
+    assert_accounted(enrolled, uploaded)
 
 
 def test_a_zip_of_images_is_expanded_and_its_members_archived(enrolled, trial, tmp_path):

@@ -4,10 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from pipeline import batch, intake, ledger, tables
 from pipeline.demo import upload_trial
 from pipeline.reasons import Reason
+from pipeline.worklist import Worklist
+from tests.accounting import assert_accounted, stage
 
 
 def process(home, batch_id):
@@ -100,24 +103,147 @@ def test_archive_layout_is_protocol_arm_subject_visit_study_series_instance(
         assert name.startswith("2.25.") and name.endswith(".dcm")
 
 
-def test_rerunning_every_task_of_a_batch_changes_nothing(enrolled, trial):
+def _outputs(home, batch_id):
+    """What a batch's processing has produced so far: archive, tables, ledger."""
+    with ledger._engine(home).connect() as conn:
+        slots = [dict(r._mapping) for r in conn.execute(select(ledger.archive_index))]
+    return {
+        "archive": {
+            p.relative_to(home.archive).as_posix(): intake.sha256_file(p)
+            for p in home.archive.rglob("*.dcm")
+        },
+        "tables": {
+            name: sorted(
+                json.dumps(row, sort_keys=True, default=str)
+                for row in tables.read_table(home, name).to_pylist()
+            )
+            for name in tables.TABLES
+        },
+        "ledger": ledger.trail(home, batch_id),
+        "slots": slots,
+    }
+
+
+def test_rerunning_every_task_of_a_batch_changes_nothing(enrolled, trial, monkeypatch):
+    """Each task is run again for real after it completed, as an Airflow retry of a task
+    killed just before it recorded its completion: same worklist, same outputs."""
     planned = trial.batches[1]
-    batch_id = intake.stage_batch(
-        enrolled, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
-    )
+    batch_id, uploaded = stage(enrolled, planned)
     steps = list(batch.TASKS)
     for step in steps[:-1]:
         batch.run_task(step, batch_id, enrolled)
-        batch.run_task(step, batch_id, enrolled)  # an Airflow retry of the same task
-    archive = sorted(enrolled.archive.rglob("*.dcm"))
+        done = batch._state(enrolled, batch_id, batch.OUTPUT[step])
+        worklist, outputs = Worklist.load(done), _outputs(enrolled, batch_id)
+        done.unlink()  # without its completion marker, run_task runs the task again
+        batch.run_task(step, batch_id, enrolled)
+        assert Worklist.load(done) == worklist, step
+        assert _outputs(enrolled, batch_id) == outputs, step
+    # Finalize's completion is the claimed folder's removal: cut it off just before.
+    with monkeypatch.context() as patched:
+        patched.setattr(intake, "remove_tree", _crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            batch.run_task("finalize", batch_id, enrolled)
+    assert enrolled.claimed_batch(batch_id).exists()
+    outputs = _outputs(enrolled, batch_id)
     batch.run_task("finalize", batch_id, enrolled)
-    batch.run_task("finalize", batch_id, enrolled)
-    assert sorted(enrolled.archive.rglob("*.dcm")) == archive
-    assert len(tables.read_table(enrolled, "instances")) == len(archive)
+    assert _outputs(enrolled, batch_id) == outputs
     assert ledger.batch_row(enrolled, batch_id)["state"] == "done"
-    archived = [f for f in ledger.file_rows(enrolled, batch_id) if f["disposition"] == "archived"]
-    assert len(archived) == len(archive)
-    assert len(ledger.file_rows(enrolled, batch_id)) == len(list(planned.folder.rglob("*.dcm")))
+    assert_accounted(enrolled, uploaded)
+
+
+def _crash(folder):
+    raise RuntimeError("killed")
+
+
+EARLY = ("claim", "deidentify", "verify", "validate")
+LATE = ("write_tables", "route", "finalize")
+
+
+def _interleaved(home, batch_ids):
+    """Both batches decide (validate) before either routes, as two DAG runs in the ingest
+    pool's slots can."""
+    for steps in (EARLY, LATE):
+        for step in steps:
+            for batch_id in batch_ids:
+                batch.run_task(step, batch_id, home)
+
+
+def test_two_batches_of_the_same_upload_deciding_at_once_archive_each_instance_once(
+    enrolled, trial
+):
+    planned = trial.batches[1]
+    staged = [stage(enrolled, planned) for _ in range(2)]
+    _interleaved(enrolled, [batch_id for batch_id, _ in staged])
+    first, second = (ledger.batch_row(enrolled, batch_id) for batch_id, _ in staged)
+    assert first["archived"] > 0 and second["archived"] == 0
+    assert second["duplicates"] == first["archived"]
+    assert first["quarantined"] == second["quarantined"] == 1  # the QC refusal, in each
+    assert_accounted(enrolled, sum(files for _, files in staged))
+
+
+def _other_pixels(folder, target):
+    """The same images (same SOP Instance UIDs) with other pixel bytes, as a re-export."""
+    import pydicom
+
+    for source in sorted(folder.rglob("*.dcm")):
+        copy = target / source.relative_to(folder)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        ds = pydicom.dcmread(source)
+        pixels = bytearray(ds.PixelData)
+        pixels[0] ^= 0xFF
+        ds.PixelData = bytes(pixels)
+        ds.save_as(copy)
+    return target
+
+
+def test_two_batches_deciding_at_once_on_other_content_quarantine_the_later_as_conflicts(
+    enrolled, trial, tmp_path
+):
+    planned = trial.batches[2]
+    resend = _other_pixels(planned.folder, tmp_path / "resend")
+    staged = [stage(enrolled, planned), stage(enrolled, planned, [resend])]
+    _interleaved(enrolled, [batch_id for batch_id, _ in staged])
+    first, second = (ledger.file_rows(enrolled, batch_id) for batch_id, _ in staged)
+    assert {f["disposition"] for f in first} == {"archived"}
+    assert {(f["disposition"], f["reason"]) for f in second} == {
+        ("quarantined", Reason.SOP_INSTANCE_CONFLICT.value)
+    }
+    assert len(second) == len(first)
+    # The archived files are the first batch's bytes, not overwritten by the second's.
+    assert_accounted(enrolled, sum(files for _, files in staged))
+
+
+def test_the_same_file_twice_in_one_upload_is_archived_once_and_recorded_as_a_duplicate(
+    enrolled, trial
+):
+    planned = trial.batches[2]
+    again = sorted((planned.folder / "CT").glob("*.dcm"))[0]
+    batch_id, uploaded = stage(enrolled, planned, [planned.folder, again])
+    process(enrolled, batch_id)
+    row = ledger.batch_row(enrolled, batch_id)
+    assert (row["archived"], row["duplicates"], row["quarantined"]) == (uploaded - 1, 1, 0)
+    (duplicate,) = [
+        f for f in ledger.file_rows(enrolled, batch_id) if f["disposition"] == "duplicate"
+    ]
+    assert duplicate["file_no"] == uploaded - 1  # the later copy; the first is archived
+    assert_accounted(enrolled, uploaded)
+
+
+def test_two_files_of_one_upload_with_one_instance_and_other_content_are_a_conflict(
+    enrolled, trial, tmp_path
+):
+    planned = trial.batches[2]
+    one = sorted((planned.folder / "CT").glob("*.dcm"))[0]
+    (changed,) = _other_pixels(one.parent, tmp_path / "changed").rglob(one.name)
+    batch_id, uploaded = stage(enrolled, planned, [planned.folder, changed])
+    process(enrolled, batch_id)
+    (refused,) = [f for f in ledger.file_rows(enrolled, batch_id) if f["reason"]]
+    assert refused["reason"] == Reason.SOP_INSTANCE_CONFLICT.value
+    assert refused["detail"] == "differs from another file of this batch"
+    record = json.loads((enrolled.quarantined_batch(batch_id) / "quarantine.json").read_text())
+    assert [f["path"] for f in record["files"]] == [one.name]  # the later, changed copy
+    assert ledger.batch_row(enrolled, batch_id)["archived"] == uploaded - 1
+    assert_accounted(enrolled, uploaded)
 
 
 def test_the_same_batch_uploaded_twice_is_recorded_as_duplicates(enrolled, trial):

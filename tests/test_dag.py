@@ -44,6 +44,14 @@ def test_every_ingest_task_runs_in_the_ingest_pool_later_steps_first(tmp_path, m
     assert {str(t.weight_rule) for t in dag.tasks} == {"upstream"}
 
 
+def test_a_burst_of_uploads_runs_as_many_batches_at_once_as_the_ingest_setting_says(
+    tmp_path, monkeypatch
+):
+    assert _dagbag(tmp_path, monkeypatch).dags["trialpipe_ingest"].max_active_runs == 4
+    monkeypatch.setenv("TRIALPIPE_INGEST_SLOTS", "2")
+    assert _dagbag(tmp_path, monkeypatch).dags["trialpipe_ingest"].max_active_runs == 2
+
+
 def test_the_intake_dag_runs_on_the_inbox_watchers_events(tmp_path, monkeypatch):
     dag = _dagbag(tmp_path, monkeypatch).dags["trialpipe_intake"]
     (inbox,) = dag.timetable.asset_condition.objects

@@ -8,6 +8,7 @@ the schema is vendored in tests/data (see compose-spec.NOTICE.md), hadolint ship
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -36,6 +37,8 @@ SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|FERNET|(^|_)K
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}; $${...} is a literal.
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 DEPLOYMENT_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer", "worker")
+# The official Helm chart's values section of each Airflow component (by its command).
+CHART_SECTIONS = {"celery worker": "workers", "triggerer": "triggerer"}
 
 
 def _compose() -> dict[str, Any]:
@@ -128,6 +131,66 @@ def _volume_target(service: dict[str, Any], volume: str) -> str | None:
 
 def _secret_source(entry: str | dict[str, str]) -> str:
     return entry if isinstance(entry, str) else entry["source"]
+
+
+def _volume_mode(service: dict[str, Any], volume: str) -> str | None:
+    """``"rw"`` or ``"ro"`` when ``service`` mounts ``volume`` (short syntax), else None."""
+    for mount in service.get("volumes", []):
+        source, _, rest = mount.partition(":")
+        if source == volume:
+            return "ro" if rest.split(":")[1:] == ["ro"] else "rw"
+    return None
+
+
+def _guide_data_home_column() -> dict[str, str]:
+    """docs/deploy.md's "What runs" table: each service's "data home" cell."""
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    table = guide.split("## What runs", 1)[1].split("\n\n", 2)[1]
+    header, _, *rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+    ]
+    column = header.index("data home")
+    return {
+        name: row[column]
+        for row in rows
+        for name in re.findall(r"`([\w-]+)`", row[0].split("(")[0])  # not "(profile `tools`)"
+    }
+
+
+def _data_home_needs(tmp_path: Path) -> dict[str, str]:
+    """The Airflow components that run trialpipe code on the data home, as ``airflow``
+    subcommand -> "rw" or "ro", read from the DAGs as Airflow parses them: every task runs
+    on a Celery worker (it claims, writes and archives: read-write); an asset watcher's
+    trigger runs in the triggerer, and trialpipe's (``pipeline.*``) only reads the inbox
+    (tests/test_watch.py holds it to that): read-only."""
+    parse = f"""
+import json
+from airflow.dag_processing.dagbag import DagBag
+
+def assets(node):
+    for child in getattr(node, "objects", None) or ([] if node is None else [node]):
+        yield from (assets(child) if hasattr(child, "objects") else [child])
+
+bag = DagBag(dag_folder={str(ROOT / "dags")!r})
+triggers = [
+    type(watcher.trigger).__module__
+    for dag in bag.dags.values()
+    for asset in assets(dag.timetable.asset_condition)
+    for watcher in getattr(asset, "watchers", [])
+]
+tasks = sum(len(dag.tasks) for dag in bag.dags.values())
+print(json.dumps({{"errors": len(bag.import_errors), "tasks": tasks, "triggers": triggers}}))
+"""
+    done = _airflow_python(parse, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    parsed = json.loads(done.stdout.splitlines()[-1])
+    assert parsed["errors"] == 0
+    needs = {}
+    if parsed["tasks"]:
+        needs["celery worker"] = "rw"
+    if any(module.split(".")[0] == "pipeline" for module in parsed["triggers"]):
+        needs["triggerer"] = "ro"
+    return needs
 
 
 def _airflow_python(code: str, home: Path, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -344,30 +407,116 @@ def test_the_deployment_creates_every_pool_the_dags_use():
     assert all(f"airflow pools set {pool} " in guide for pool in used)
 
 
+def test_one_setting_sizes_the_ingest_pool_and_the_ingest_runs_at_once():
+    # The pool (airflow-init) and the ingest DAG's max_active_runs (read where the DAGs are
+    # parsed, from the shared environment) come from TRIALPIPE_INGEST_SLOTS alike.
+    compose = _compose()
+    init = compose["services"]["airflow-init"]["command"][2]
+    for env in ({}, {"TRIALPIPE_INGEST_SLOTS": "7"}):
+        pool = re.search(r"airflow pools set trialpipe_ingest (\d+) ", _interpolate(init, env))
+        runs = _interpolate(compose["x-airflow-env"]["TRIALPIPE_INGEST_SLOTS"], env)
+        assert pool is not None and pool[1] == runs
+    dag_default = re.search(
+        r"TRIALPIPE_INGEST_SLOTS\"\) or (\d+)", (ROOT / "dags" / "trialpipe_ingest.py").read_text()
+    )
+    assert dag_default is not None
+    assert _interpolate(compose["x-airflow-env"]["TRIALPIPE_INGEST_SLOTS"]) == dag_default[1]
+    values = yaml.safe_load((DOCKER / "helm-values.yaml").read_text())
+    helm = {item["name"]: item["value"] for item in values["env"]}["TRIALPIPE_INGEST_SLOTS"]
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    assert re.findall(r"kubectl .* airflow pools set trialpipe_ingest (\d+) ", guide) == [helm]
+
+
 def test_workers_scale_with_docker_compose_up_scale():
     worker = _compose()["services"]["worker"]
     assert "container_name" not in worker
     assert "ports" not in worker and "hostname" not in worker
 
 
-def test_only_workers_and_the_tool_get_the_data_home_and_the_trial_key():
+def test_the_components_that_run_trialpipe_code_and_only_they_mount_the_data_home(tmp_path):
+    needs = _data_home_needs(tmp_path)
+    assert needs == {"celery worker": "rw", "triggerer": "ro"}  # the derivation found both
     services = _compose()["services"]
+    commands = {n: s["command"] for n, s in services.items() if isinstance(s.get("command"), str)}
+    expected = {n: needs[c] for n, c in commands.items() if c in needs}
+    expected["trialpipe"] = "rw"  # the CLI: uploads, enrollment, quarantine release
+    mounted = {n: mode for n, s in services.items() if (mode := _volume_mode(s, "trialpipe-home"))}
+    assert mounted == expected
     home = _image_env()["TRIALPIPE_HOME"]
-    with_home = {n for n, s in services.items() if _volume_target(s, "trialpipe-home")}
-    assert with_home == {"worker", "trialpipe"}
-    for name in with_home:
-        assert _volume_target(services[name], "trialpipe-home") == home
-        keys = [s for s in services[name]["secrets"] if _secret_source(s) == "trial_key"]
-        target = Path(_interpolate(keys[0]["target"], {"TRIALPIPE_PROTOCOL": "DEMO-01"}))
-        assert target == Path(services[name]["environment"]["TRIALPIPE_SECRETS_DIR"]) / (
-            "DEMO-01.key"
-        )
+    assert {_volume_target(services[n], "trialpipe-home") for n in mounted} == {home}
+    # The guide's table says the same.
+    assert _guide_data_home_column() == {
+        n: {"rw": "yes", "ro": "read-only"}.get(mounted.get(n, ""), "") for n in services
+    }
+
+
+def test_only_workers_and_the_tool_get_the_trial_key():
+    services = _compose()["services"]
     with_key = {
         n
         for n, s in services.items()
         if any(_secret_source(e) == "trial_key" for e in s.get("secrets", []))
     }
     assert with_key == {"worker", "trialpipe"}
+    for name in with_key:
+        keys = [s for s in services[name]["secrets"] if _secret_source(s) == "trial_key"]
+        target = Path(_interpolate(keys[0]["target"], {"TRIALPIPE_PROTOCOL": "DEMO-01"}))
+        assert target == Path(services[name]["environment"]["TRIALPIPE_SECRETS_DIR"]) / (
+            "DEMO-01.key"
+        )
+
+
+def test_the_helm_values_mount_the_data_home_where_trialpipe_code_runs(tmp_path):
+    values = yaml.safe_load((DOCKER / "helm-values.yaml").read_text())
+    home = {item["name"]: item["value"] for item in values["env"]}["TRIALPIPE_HOME"]
+    expected = {CHART_SECTIONS[c]: mode for c, mode in _data_home_needs(tmp_path).items()}
+    mounted = {}
+    for section, settings in values.items():
+        if not isinstance(settings, dict):
+            continue
+        for mount in settings.get("extraVolumeMounts", []):
+            if mount["name"] == "trialpipe-home":
+                assert mount["mountPath"] == home, section
+                mounted[section] = "ro" if mount.get("readOnly") else "rw"
+        for volume in settings.get("extraVolumes", []):
+            if volume["name"] == "trialpipe-home":
+                claim = volume["persistentVolumeClaim"]
+                assert claim["claimName"] == "trialpipe-home", section
+                assert bool(claim.get("readOnly")) == (expected.get(section) == "ro"), section
+    assert mounted == expected
+    assert not any(m["name"] == "trialpipe-home" for m in values.get("volumeMounts", []))
+
+
+def _airflow_tested_with(what: str) -> list[str]:
+    """The versions of ``what`` (a row of the "Apache Airflow is tested with" table in the
+    pinned Airflow's package description) its stable release is tested with."""
+    pin = _pins()["apache-airflow"]
+    description = importlib.metadata.distribution("apache-airflow").read_text("METADATA") or ""
+    rows = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in description.splitlines()
+        if line.startswith("|")
+    ]
+    column = next(row.index(f"Stable version ({pin})") for row in rows if row[0] == "")
+    (row,) = [row for row in rows if row[0] == what]
+    return [version.strip() for version in row[column].split(",")]
+
+
+def test_the_database_and_broker_images_are_explicit_versions_airflow_is_tested_with():
+    services = _compose()["services"]
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    tags = {}
+    for name in ("postgres", "redis"):
+        image, _, tag = services[name]["image"].partition(":")
+        assert image == name
+        # A version, never `latest` or no tag: `up` on another day must not move the server.
+        assert re.fullmatch(r"\d+(\.\d+)*(-[a-z0-9]+)?", tag), services[name]["image"]
+        assert f"`{name}:{tag}`" in guide
+        tags[name] = tag
+    supported = _airflow_tested_with("PostgreSQL")
+    assert tags["postgres"].split(".")[0].split("-")[0] in supported
+    assert f"pinned Airflow ({_pins()['apache-airflow']}) is tested with" in guide
+    assert f"PostgreSQL {', '.join(supported)}" in guide
 
 
 def test_the_image_is_the_official_airflow_image_of_the_pinned_version():

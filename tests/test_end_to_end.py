@@ -1,11 +1,13 @@
 """The real thing: `trialpipe run` drives Airflow (SQLite, LocalExecutor, api-server,
 scheduler) over generated batches with bad files among them."""
 
+import csv
 import json
 import os
 import sqlite3
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -89,6 +91,53 @@ def test_archive_quarantine_and_tables_agree(ran):
     assert {"truncated", "not_dicom", "mixed_patients", "unenrolled_subject"} <= reasons
     for path in on_disk:
         assert path.relative_to(home.archive).parts[1] in ("A", "B")
+
+
+def test_the_demo_writes_the_arm_report_its_blinded_twin_and_a_summary(ran):
+    """`trialpipe demo`'s last step, on this DAG-processed home. It runs before the PHI scan
+    below, so that scan searches the reports too."""
+    from pipeline import demo
+    from pipeline.protocol import load_protocol
+
+    home, trial, expected, _ = ran
+    with sqlite3.connect(home.airflow / "airflow.db") as db:
+        runs = {
+            json.loads(conf)["batch_id"]: state
+            for conf, state in db.execute(
+                "SELECT conf, state FROM dag_run WHERE dag_id = 'trialpipe_ingest'"
+            )
+        }
+    printed = demo.report(home, load_protocol("DEMO-01"), runs)
+    folder = home.reports / "arms" / "DEMO-01"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        stem + suffix
+        for stem in ("arms", "arms-blinded")
+        for suffix in (".html", "-counts.csv", "-parameters.csv", "-visits.csv")
+    )
+    assert f"arm report: {folder / 'arms.html'}\n   blinded: {folder / 'arms-blinded.html'}" in (
+        printed
+    )
+    files = ledger.file_rows(home)
+    archived = [f for f in files if f["disposition"] == "archived"]
+    assert f"DAG runs: {len(expected)} (Counter({{'success': {len(expected)}}}))" in printed
+    assert f"files uploaded: {len(files)}; archived {len(archived)}, " in printed
+    # The printed comparison and both reports count, per arm, the images the archive holds.
+    per_arm = Counter(f["archive_path"].split("/")[1] for f in archived)
+    lines = printed.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["arm", "visit"])
+    columns = lines[header].split()
+    end = next(i for i in range(header, len(lines)) if lines[i].startswith("("))
+    shown = Counter()
+    for line in lines[header + 2 : end]:
+        row = dict(zip(columns, line.split(), strict=True))
+        shown[row["arm"]] += int(row["images"])
+    assert shown == per_arm and set(per_arm) == {"A", "B"}
+    for name, groups in (("arms", {"A", "B"}), ("arms-blinded", {"Group 1", "Group 2"})):
+        with (folder / f"{name}-counts.csv").open() as handle:
+            counts = list(csv.DictReader(handle))
+        assert {r["arm"] for r in counts} == groups
+        assert sum(int(r["images"]) for r in counts) == len(archived)
+    assert phi_leaks(home.reports, trial.phi_values(), boundary=()) == []
 
 
 def test_no_planted_phi_anywhere_outside_the_boundary_airflow_db_and_logs_included(ran):

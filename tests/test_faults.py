@@ -1,9 +1,10 @@
-"""Fault injection: kill -9 mid-task and of `trialpipe run`, disk full, a corrupt file among
-200, two runs at once. Each ends with every uploaded file archived, quarantined or recorded
-as a duplicate, no archive file twice, and one Parquet row per archived file."""
+"""Fault injection: kill -9 at a kill point of every task and of `trialpipe run`, a disk
+that fills up (for real, on a tiny tmpfs), a corrupt file among 200, the same batch uploaded
+twice, two runs at once. Each ends with every uploaded file archived, quarantined or
+recorded as a duplicate, no archive file twice, and one Parquet row per archived file."""
 
+import contextlib
 import datetime as dt
-import errno
 import os
 import random
 import signal
@@ -15,38 +16,20 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
+from sqlalchemy.exc import DBAPIError
 
-from pipeline import batch, intake, ledger, tables
-from pipeline.demo import upload_trial
+from pipeline import batch, db, enrollment, ledger
+from pipeline.home import DataHome, data_home
 from pipeline.synth import SeriesShape, make_series, write_series
+from tests.accounting import assert_accounted, stage, upload
 
 TRIALPIPE = str(Path(sys.executable).parent / "trialpipe")
 
 
-def assert_accounted(home, uploaded):
-    """uploaded = archived + quarantined + duplicates; no duplicate archive files; Parquet
-    rows = archived files; nothing left half-done."""
-    files = ledger.file_rows(home)
-    assert len(files) == uploaded
-    assert {f["disposition"] for f in files} <= {"archived", "quarantined", "duplicate"}
-    archived = [f for f in files if f["disposition"] == "archived"]
-    on_disk = sorted(home.archive.rglob("*.dcm"))
-    assert sorted(home.archive / f["archive_path"] for f in archived) == on_disk
-    assert len({f["archive_path"] for f in archived}) == len(archived)
-    assert tables.read_table(home, "instances").num_rows == len(archived)
-    assert not any(home.claimed.iterdir()), "a batch was left claimed"
-    assert not [p for p in home.root.rglob("*.tmp")], "a temporary file was left behind"
-    assert all(b["state"] in ("done", "quarantined") for b in ledger.batch_rows(home))
-
-
-def _uploaded(trial_or_expected, home):
-    return sum(b["files"] for b in ledger.batch_rows(home))
-
-
 @pytest.fixture
 def staged(enrolled, trial):
-    upload_trial(enrolled, trial)
-    return enrolled
+    """The synthetic trial uploaded: the data home and how many files went in."""
+    return enrolled, sum(upload(enrolled, trial).values())
 
 
 def _start_run(home, faults=None):
@@ -62,14 +45,18 @@ def _start_run(home, faults=None):
     )
 
 
-def _wait_for(path, process, timeout=300):
+def _until(condition, process, what, timeout=300):
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not condition():
         if process.poll() is not None:
-            raise AssertionError(f"run ended before {path.name}: {process.stderr.read()[-2000:]}")
+            raise AssertionError(f"run ended before {what}: {process.stderr.read()[-2000:]}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"never reached {path.name}")
+            raise AssertionError(f"never reached {what}")
         time.sleep(0.2)
+
+
+def _wait_for(path, process, timeout=300):
+    _until(path.exists, process, path.name, timeout)
     time.sleep(0.2)  # the PID is written before the pause begins
     return int(path.read_text())
 
@@ -82,108 +69,148 @@ def _arm(tmp_path, *points):
     return faults
 
 
-def test_kill_9_of_a_task_in_deidentification_and_in_routing_is_retried(staged, tmp_path):
-    faults = _arm(tmp_path, "deidentify", "route")
-    run = _start_run(staged, faults)
-    for point in ("deidentify", "route"):
-        os.kill(_wait_for(faults / f"{point}.pid", run), signal.SIGKILL)
-    _, err = run.communicate(timeout=900)
-    assert run.returncode == 0, err[-3000:]
-    assert_accounted(staged, _uploaded(None, staged))
-    with sqlite3.connect(staged.airflow / "airflow.db") as db:
-        retried = {
+def _retried_tasks(home):
+    with sqlite3.connect(home.airflow / "airflow.db") as airflow_db:
+        return {
             task
-            for task, tries in db.execute(
+            for task, tries in airflow_db.execute(
                 "SELECT task_id, max(try_number) FROM task_instance GROUP BY task_id"
             )
             if tries > 1
         }
-    assert {"deidentify", "route"} <= retried
+
+
+def test_kill_9_of_a_task_at_every_step_is_retried_and_every_file_accounted_for(staged, tmp_path):
+    """One run, one kill point per task (claim mid-numbering, deidentify and verify
+    mid-batch, validate after reserving archive slots, write_tables between tables, route
+    mid-archive, finalize before the ledger): each task process is killed there, Airflow
+    retries it, and the retry finishes the batch."""
+    home, uploaded = staged
+    points = list(batch.TASKS)
+    faults = _arm(tmp_path, *points)
+    run = _start_run(home, faults)
+    for point in points:
+        os.kill(_wait_for(faults / f"{point}.pid", run), signal.SIGKILL)
+    _, err = run.communicate(timeout=900)
+    assert run.returncode == 0, err[-3000:]
+    assert_accounted(home, uploaded)
+    assert set(points) <= _retried_tasks(home)
 
 
 def test_kill_9_of_trialpipe_run_then_a_rerun_accounts_for_every_file(staged, tmp_path):
+    home, uploaded = staged
     faults = _arm(tmp_path, "route")
-    run = _start_run(staged, faults)
+    run = _start_run(home, faults)
     _wait_for(faults / "route.pid", run)
     run.kill()  # SIGKILL: no cleanup of any kind
     run.wait(60)
-    assert any(staged.claimed.iterdir())  # a batch was cut off mid-routing
-    rerun = _start_run(staged)
+    assert any(home.claimed.iterdir())  # a batch was cut off mid-routing
+    rerun = _start_run(home)
     _, err = rerun.communicate(timeout=900)
     assert rerun.returncode == 0, err[-3000:]
-    assert_accounted(staged, _uploaded(None, staged))
+    assert_accounted(home, uploaded)
+
+
+def test_the_same_batch_uploaded_twice_before_one_run_is_archived_once(enrolled, trial, tmp_path):
+    """Both uploads are processed at once; the first to decide holds its batch at the
+    validate kill point until the other has decided and finished, the order in which two
+    batches without a shared decision would both archive."""
+    planned = trial.batches[1]
+    staged = [stage(enrolled, planned) for _ in range(2)]
+    faults = _arm(tmp_path, "validate")
+    run = _start_run(enrolled, faults)
+    _wait_for(faults / "validate.pid", run)
+    _until(
+        lambda: any(enrolled.batch_record(batch_id).exists() for batch_id, _ in staged),
+        run,
+        "the other batch finalized",
+    )
+    (faults / "validate.go").touch()
+    _, err = run.communicate(timeout=900)
+    assert run.returncode == 0, err[-3000:]
+    rows = sorted(
+        (ledger.batch_row(enrolled, batch_id) for batch_id, _ in staged),
+        key=lambda row: row["archived"],
+    )
+    assert rows[0]["archived"] == 0 and rows[0]["duplicates"] == rows[1]["archived"] > 0
+    assert_accounted(enrolled, sum(files for _, files in staged))
 
 
 def test_two_runs_at_once_process_each_batch_once(staged):
-    runs = [_start_run(staged) for _ in range(2)]
+    home, uploaded = staged
+    runs = [_start_run(home) for _ in range(2)]
     outputs = [run.communicate(timeout=900) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [o[1][-2000:] for o in outputs]
     assert any("waiting" in err for _, err in outputs)
-    assert_accounted(staged, _uploaded(None, staged))
-    with sqlite3.connect(staged.airflow / "airflow.db") as db:
-        per_batch = db.execute(
+    assert_accounted(home, uploaded)
+    with sqlite3.connect(home.airflow / "airflow.db") as airflow_db:
+        per_batch = airflow_db.execute(
             "SELECT json_extract(conf, '$.batch_id'), count(*) FROM dag_run"
             " WHERE dag_id = 'trialpipe_ingest' GROUP BY 1"
         ).fetchall()
     assert per_batch and all(count == 1 for _, count in per_batch)
 
 
-def _disk_full_on_the_third(real):
-    calls = []
-
-    def fails(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(*args, **kwargs)
-
-    return fails
-
-
-def _half_then_full(real):
-    """Writes half the file, then the disk is full (as a real write() fails mid-file)."""
-    calls = []
-
-    def fails(ds, path):
-        calls.append(path)
-        real(ds, path)
-        if len(calls) == 3:
-            data = Path(path).read_bytes()
-            Path(path).write_bytes(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    return fails
+@contextlib.contextmanager
+def _tiny_disk(folder, size):
+    """A tmpfs of ``size`` mounted at ``folder`` (root only, as in CI), unmounted after."""
+    folder.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        # Lazily: the databases' pooled connections may still hold files open there.
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
-@pytest.mark.parametrize(
-    ("step", "target", "fault"),
-    [
-        ("deidentify", (batch, "write_dicom"), _half_then_full),  # writing a staged file
-        ("route", (os, "link"), _disk_full_on_the_third),  # linking into the archive
-        ("write_tables", (os, "fsync"), _disk_full_on_the_third),  # a Parquet file
-    ],
-)
-def test_disk_full_fails_the_task_cleanly_and_the_retry_completes(
-    enrolled, trial, monkeypatch, step, target, fault
+@contextlib.contextmanager
+def _filled(disk):
+    """The disk full to the last byte (a ballast file), then freed again."""
+    ballast = disk / "ballast"
+    with open(ballast, "wb", buffering=0) as handle:
+        with contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0" * 65536)
+        with contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0")
+    try:
+        yield
+    finally:
+        ballast.unlink()
+
+
+def test_a_full_disk_fails_each_task_cleanly_and_the_retry_completes_once_space_is_freed(
+    protocol, trial, tmp_path, monkeypatch
 ):
-    expected = upload_trial(enrolled, trial)
-    batch_id = next(b for b, e in expected.items() if e == "done")
-    steps = list(batch.TASKS)
-    for earlier in steps[: steps.index(step)]:
-        batch.run_task(earlier, batch_id, enrolled)
-    module, name = target
-    monkeypatch.setattr(module, name, fault(getattr(module, name)))
-    with pytest.raises(batch.DiskFull) as failure:
-        batch.run_task(step, batch_id, enrolled)
-    monkeypatch.undo()  # space freed; Airflow retries the task
-    assert str(enrolled.root) not in str(failure.value) and "no space left" in str(failure.value)
-    assert not [p for p in enrolled.root.rglob("*.tmp")]
-    for later in steps[steps.index(step) :]:
-        batch.run_task(later, batch_id, enrolled)
-    for other in expected:
-        for each in steps:
-            batch.run_task(each, other, enrolled)
-    assert_accounted(enrolled, _uploaded(None, enrolled))
+    """The data home, and the archive apart from it, each on a tiny filesystem. Before
+    every task the disk it writes to is filled for real: the task fails with DiskFull,
+    which names neither a path nor a value; once space is freed the retry completes."""
+    with (
+        _tiny_disk(tmp_path / "home-disk", "64m") as home_disk,
+        _tiny_disk(tmp_path / "archive-disk", "8m") as archive_disk,
+    ):
+        monkeypatch.setenv("TRIALPIPE_ARCHIVE_URL", str(archive_disk / "archive"))
+        home = data_home(home_disk / "home").ensure()
+        try:
+            enrollment.import_csv(home, protocol, trial.enrollment_csv)
+            batch_id, uploaded = stage(home, trial.batches[0])  # with files to quarantine
+            for step in batch.TASKS:
+                with _filled(archive_disk if step == "route" else home_disk):
+                    with pytest.raises(batch.DiskFull) as failure:
+                        batch.run_task(step, batch_id, home)
+                    real = failure.value.__context__
+                    assert batch._disk_full(real), step  # a write really found no space
+                    assert not [p for p in home.root.rglob("*.tmp")], step
+                message = str(failure.value)
+                assert "no space left" in message and step in message
+                for value in (str(tmp_path), *trial.phi_values()):
+                    assert value not in message
+                batch.run_task(step, batch_id, home)
+            assert_accounted(home, uploaded)
+        finally:
+            for url in (home.ledger_url, home.restricted_url):
+                db.engine(url).dispose()
 
 
 def test_a_corrupt_file_in_a_batch_of_200_is_quarantined_and_199_archived(
@@ -208,9 +235,7 @@ def test_a_corrupt_file_in_a_batch_of_200_is_quarantined_and_199_archived(
     )
     data = paths[117].read_bytes()
     paths[117].write_bytes(data[: len(data) // 3])
-    batch_id = intake.stage_batch(
-        enrolled, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [folder]
-    )
+    batch_id, uploaded = stage(enrolled, planned, [folder])
     for step in batch.TASKS:
         batch.run_task(step, batch_id, enrolled)
     row = ledger.batch_row(enrolled, batch_id)
@@ -218,4 +243,28 @@ def test_a_corrupt_file_in_a_batch_of_200_is_quarantined_and_199_archived(
     assert (row["archived"], row["quarantined"], row["state"]) == (199, 1, "done"), reasons
     (bad,) = [f for f in ledger.file_rows(enrolled, batch_id) if f["reason"]]
     assert bad["reason"] == "truncated"
-    assert_accounted(enrolled, 200)
+    assert uploaded == 200
+    assert_accounted(enrolled, uploaded)
+
+
+def test_a_full_disk_under_the_ledger_fails_the_task_as_disk_full_and_the_retry_completes(
+    enrolled, trial, tmp_path
+):
+    """SQLite reports a full disk as its own error, whose text may quote the statement's
+    values: the task says DiskFull instead, as for any other write."""
+    with _tiny_disk(tmp_path / "ledger-disk", "1m") as disk:
+        home = DataHome(enrolled.root, f"sqlite:///{disk / 'ledger.sqlite'}")
+        try:
+            batch_id, uploaded = stage(home, trial.batches[0])
+            steps = list(batch.TASKS)
+            for step in steps[:-1]:
+                batch.run_task(step, batch_id, home)
+            with _filled(disk):
+                with pytest.raises(batch.DiskFull) as failure:
+                    batch.run_task("finalize", batch_id, home)
+                assert isinstance(failure.value.__context__, DBAPIError)
+                assert batch._disk_full(failure.value.__context__)
+            batch.run_task("finalize", batch_id, home)
+            assert_accounted(home, uploaded)
+        finally:
+            db.engine(home.ledger_url).dispose()

@@ -1,13 +1,16 @@
 """The audit ledger: append-only on SQLite and PostgreSQL, a trail for every file."""
 
+import datetime as dt
 import json
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy
 from sqlalchemy import text
 
-from pipeline import batch, ledger
+from pipeline import __version__, batch, intake, ledger
 from pipeline.cli import main
 from pipeline.demo import upload_trial
 from pipeline.home import DataHome
@@ -61,15 +64,98 @@ def test_every_uploaded_file_has_one_current_disposition(any_ledger, trial):
                 assert f["sha256_out"] and f["archive_path"] and f["recipe_version"]
 
 
-@pytest.mark.parametrize(
-    "statement", ["UPDATE file_events SET reason = 'x'", "DELETE FROM batches"]
-)
-def test_the_ledger_refuses_updates_and_deletes(any_ledger, trial, statement):
-    _process(any_ledger, trial)
+LEDGER_TABLES = ("batches", "batch_events", "file_events", "archive_index")
+
+
+def _refused_statements(dialect):
+    """Every way to change or remove a ledger row: per table an UPDATE, a DELETE of rows,
+    and emptying the table at once (PostgreSQL's TRUNCATE, which fires no row trigger;
+    SQLite has none, and empties a table by a DELETE without WHERE)."""
+    for table in LEDGER_TABLES:
+        yield f"UPDATE {table} SET batch_id = 'changed'"
+        yield f"DELETE FROM {table} WHERE batch_id IS NOT NULL"
+        yield f"TRUNCATE {table}" if dialect == "postgresql" else f"DELETE FROM {table}"
+
+
+def _row_counts(engine):
+    with engine.connect() as conn:
+        return {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar() for t in LEDGER_TABLES}
+
+
+def test_the_ledger_refuses_every_update_delete_and_truncate(any_ledger, trial):
+    planned = trial.batches[2]
+    batch_id = intake.stage_batch(
+        any_ledger, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
+    )
+    for step in batch.TASKS:
+        batch.run_task(step, batch_id, any_ledger)
     engine = ledger._engine(any_ledger)
-    with pytest.raises(sqlalchemy.exc.DBAPIError, match="append-only"), engine.begin() as conn:
-        conn.execute(text(statement))
-    assert ledger.file_rows(any_ledger)  # nothing was changed
+    counts = _row_counts(engine)
+    assert all(counts.values()), counts  # every table has rows to lose
+    before = ledger.trail(any_ledger, batch_id)
+    statements = list(_refused_statements(engine.dialect.name))
+    assert len(statements) == 3 * len(LEDGER_TABLES)
+    for statement in statements:
+        with (
+            pytest.raises(sqlalchemy.exc.DBAPIError, match="append-only"),
+            engine.begin() as conn,
+        ):
+            conn.execute(text(statement))
+    assert _row_counts(engine) == counts
+    assert ledger.trail(any_ledger, batch_id) == before
+
+
+def test_the_ledger_records_uploader_upload_time_and_versions(any_ledger, trial, protocol):
+    planned = trial.batches[2]
+    start = dt.datetime.now(dt.UTC)
+    batch_id = intake.stage_batch(
+        any_ledger,
+        "DEMO-01",
+        planned.site_id,
+        planned.subject_id,
+        planned.visit,
+        [planned.folder],
+        uploader="coordinator-site-03",
+    )
+    uploaded = dt.datetime.now(dt.UTC)
+    for step in batch.TASKS:
+        batch.run_task(step, batch_id, any_ledger, run_id="run-1")
+    trail = ledger.trail(any_ledger, batch_id)
+    assert trail["batch"]["uploader"] == "coordinator-site-03"
+    assert start <= trail["batch"]["uploaded_at"] <= uploaded
+    processed = [e for e in trail["events"] if e["state"] != "ready"]
+    assert processed and all(e["code_version"] == __version__ for e in processed)
+    assert all(e["recipe_version"] == protocol.recipe_version for e in processed)
+    assert trail["files"] and all(
+        (f["code_version"], f["recipe_version"], f["dag_run_id"])
+        == (__version__, protocol.recipe_version, "run-1")
+        for f in trail["files"]
+    )
+
+
+def test_batches_reserving_the_same_instances_at_once_agree_on_one_holder_each(any_ledger):
+    """Four batches reserve the same 300 instances at the same moment, two in the reverse
+    order: no error (no deadlock on PostgreSQL), one holder per instance, the same in
+    every answer, and a later batch, or a repeat, is told the same."""
+    slots = [ledger.ArchiveSlot(f"2.25.{n}", n, f"{n:064x}", f"a/{n}.dcm") for n in range(300)]
+    ledger.batch_rows(any_ledger)  # the tables exist before the batches race
+    start = threading.Barrier(4)
+
+    def reserve(number):
+        start.wait()
+        mine = slots if number % 2 else slots[::-1]
+        return ledger.reserve_archive_slots(any_ledger, f"batch-{number}", mine)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(reserve, range(4)))
+    assert len(answers[0]) == len(slots)
+    assert all(answer == answers[0] for answer in answers)
+    assert {holder.batch_id for holder in answers[0].values()} <= {f"batch-{n}" for n in range(4)}
+    assert ledger.reserve_archive_slots(any_ledger, "batch-late", slots) == answers[0]
+    first = answers[0]["2.25.0"].batch_id
+    assert ledger.reserve_archive_slots(any_ledger, first, slots[:1]) == {
+        "2.25.0": answers[0]["2.25.0"]
+    }
 
 
 def test_a_retried_finalize_appends_nothing(enrolled, trial):

@@ -2,17 +2,24 @@
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from pipeline import batch, enrollment, ledger, tables
+from pipeline import batch, enrollment, intake, ledger, tables
 from pipeline.cli import main
 from pipeline.demo import upload_trial
+from pipeline.intake import ready_batches
+
+TRIALPIPE = str(Path(sys.executable).parent / "trialpipe")
 
 
 def process_all(home):
-    from pipeline.intake import ready_batches
-
     for ready in ready_batches(home):
         for step in batch.TASKS:
             batch.run_task(step, ready.batch_id, home)
@@ -110,3 +117,52 @@ def test_release_refusals_are_clear(capsys, processed, enrolled, target, message
     done = next(b for b, e in processed.items() if e == "done")
     code, _, err = cli(capsys, enrolled, "quarantine", "release", target.format(done=done))
     assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("point", ["release_moves", "release_publish"])
+def test_a_release_killed_half_way_is_finished_by_the_next_release(
+    capsys, processed, enrolled, tmp_path, point
+):
+    """kill -9 of `trialpipe quarantine release` after its first file moved, or once
+    everything but the READY marker is done; releasing again finishes that release: every
+    file goes once, to the one new batch, and nothing is left behind."""
+    mixed = next(b for b, e in processed.items() if e == "mixed_patients")
+    held = {f["file_no"] for f in ledger.file_rows(enrolled, mixed)}
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / point).touch()
+    killed = subprocess.Popen(
+        [TRIALPIPE, "--home", str(enrolled.root), "quarantine", "release", mixed],
+        env={**os.environ, "TRIALPIPE_FAULTS": str(faults)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (faults / f"{point}.pid").exists():
+        assert killed.poll() is None, killed.stderr.read()
+        assert time.monotonic() < deadline, f"never reached {point}"
+        time.sleep(0.1)
+    time.sleep(0.2)  # the PID is written before the pause begins
+    os.kill(int((faults / f"{point}.pid").read_text()), signal.SIGKILL)
+    assert killed.wait(30) == -signal.SIGKILL
+    assert ready_batches(enrolled) == []  # nothing half-built is offered to the ingest
+
+    code, out, _ = cli(capsys, enrolled, "quarantine", "release", mixed)
+    assert code == 0
+    new_id = out.split(" as batch ")[1].split()[0]
+    assert [r["batch_id"] for r in ledger.batch_rows(enrolled) if r["released_from"]] == [new_id]
+    old = ledger.file_rows(enrolled, mixed)
+    assert {f["disposition"] for f in old} == {"released"}
+    assert all(f["detail"] == f"released to batch {new_id}" for f in old)
+    left = (enrolled.quarantined_batch(mixed) / "files").rglob("*")
+    assert not [path for path in left if path.is_file()]
+    assert not (enrolled.quarantined_batch(mixed) / "release.json").exists()
+    manifest = json.loads(
+        (intake.find_upload(enrolled, new_id) / intake.MANIFEST).read_text()  # READY
+    )
+    assert sorted(int(f["released_from"].split(":")[1]) for f in manifest["files"]) == sorted(held)
+    process_all(enrolled)
+    assert ledger.batch_row(enrolled, new_id)["files"] == len(held)
+    assert len(ledger.file_rows(enrolled, new_id)) == len(held)
+    assert not list((enrolled.inbox / "DEMO-01").glob("*/*")), "a batch was left in the inbox"
+    assert main(["--home", str(enrolled.root), "quarantine", "release", mixed]) == 2

@@ -1,6 +1,7 @@
 """The Parquet tables: pinned schemas, replace-on-rerun, compaction that changes no result."""
 
 import datetime as dt
+import random
 import re
 
 import pyarrow as pa
@@ -41,36 +42,44 @@ def _type_name(kind: pa.DataType) -> str:
     return names.get(str(kind), str(kind))
 
 
-def _documented(table: str) -> list[tuple[str, str]]:
-    """(column, type) in the order docs/data-dictionary.md lists them for ``table``."""
+def _documented(table: str) -> list[tuple[str, str, bool]]:
+    """(column, type, nullable) in the order docs/data-dictionary.md lists them."""
     text = DICTIONARY.read_text()
     section = re.search(rf"^## {table}\b.*?$(.*?)(?=^## |\Z)", text, re.S | re.M)
     assert section, f"docs/data-dictionary.md has no section for {table}"
     columns = []
     for line in section.group(1).splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 3 and cells[0].startswith("`"):
+        if len(cells) >= 4 and cells[0].startswith("`"):
+            assert cells[2] in ("yes", "no"), f"{table}.{cells[0]}: nullable is yes or no"
             for name in re.findall(r"`([a-z0-9_]+)`", cells[0]):
-                columns.append((name, cells[1]))
+                columns.append((name, cells[1], cells[2] == "yes"))
     return columns
 
 
 @pytest.mark.parametrize("table", sorted(tables.TABLES))
 def test_each_schema_is_exactly_the_documented_data_dictionary(table):
-    schema = tables.TABLES[table]
-    actual = [(f.name, _type_name(f.type)) for f in schema] + [
-        ("protocol", "string"),
-        ("site", "string"),
-    ]
+    """Names, order, types and nullability, partition columns last (as a query sees them)."""
+    fields = [*tables.TABLES[table], *tables.PARTITIONS]
+    actual = [(f.name, _type_name(f.type), f.nullable) for f in fields]
     assert _documented(table) == actual, (
         f"the {table} schema changed: update docs/data-dictionary.md with it"
     )
 
 
-def test_the_schema_pin_fails_when_a_column_changes(monkeypatch):
-    """The pin above is not vacuous: a renamed or retyped column breaks it."""
-    changed = tables.INSTANCES.set(0, pa.field("batch", pa.string()))
-    monkeypatch.setitem(tables.TABLES, "instances", changed)
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: s.set(0, pa.field("batch", pa.string(), nullable=False)),  # renamed
+        lambda s: s.set(0, pa.field("batch_id", pa.large_string(), nullable=False)),  # retyped
+        lambda s: s.set(0, pa.field("batch_id", pa.string(), nullable=True)),  # may be null
+        lambda s: pa.schema([s.field(1), s.field(0), *list(s)[2:]]),  # reordered
+    ],
+    ids=["renamed", "retyped", "nullable", "reordered"],
+)
+def test_the_schema_pin_fails_when_a_column_changes(monkeypatch, change):
+    """The pin above is not vacuous: any change to a column breaks it."""
+    monkeypatch.setitem(tables.TABLES, "instances", change(tables.INSTANCES))
     with pytest.raises(AssertionError):
         test_each_schema_is_exactly_the_documented_data_dictionary("instances")
 
@@ -193,24 +202,82 @@ def test_series_rows_count_instances_and_take_the_shared_parameters():
     assert series["coverage_mm"] == 2.0
 
 
-def test_every_table_accepts_the_rows_the_pipeline_builds(home):
-    """to_arrow takes JSON-travelled rows (ISO dates, timestamps) for every table."""
-    table = tables.to_arrow(
-        "batches",
-        [
-            {
-                "batch_id": "b1",
-                "state": "done",
-                "files": 1,
-                "archived": 1,
-                "quarantined": 0,
-                "duplicates": 0,
-                "flagged": 0,
-                "bytes_uploaded": 5,
-                "bytes_archived": 6,
-                "claimed_at": "2026-01-02T03:04:05+00:00",
-                "code_version": "c",
-            }
-        ],
-    )
-    assert table.column("claimed_at")[0].as_py() == dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+def _worklist_that_travelled(tmp_path):
+    """A batch's worklist after validate, saved and loaded as the tasks hand it on (JSON:
+    dates as ISO text): a CT and an MR series' header rows, a finding on one file."""
+    from pipeline import synth
+    from pipeline.reasons import Reason
+    from pipeline.validate import Finding
+    from pipeline.worklist import FileEntry, Worklist
+
+    rng = random.Random(5)
+    patient = synth.make_patient(rng, "SITE-01")
+    shape = synth.SeriesShape(rows=8, columns=8, slices=2)
+    datasets = [
+        ds
+        for modality in ("CT", "MR")
+        for ds in synth.make_series(
+            patient, modality, dt.date(2000, 1, 8), f"2.25.{len(modality)}", "X", shape, rng
+        )
+    ]
+    worklist = Worklist("b1", "DEMO-01", "SITE-01", "DEMO-01-01001", "BASELINE", arm="A")
+    for n, ds in enumerate(datasets):
+        row = rows.instance_row(ds, dt.date(2000, 1, 1))
+        entry = FileEntry(n, f"f{n}.dcm", sha256="in", size=100, sha256_out=f"out{n}")
+        entry.size_out, entry.archive_path = 120, f"DEMO-01/A/x/{n}.dcm"
+        entry.sop_uid, entry.series_uid = row["sop_instance_uid"], row["series_uid"]
+        entry.row = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+        worklist.files.append(entry)
+    flag = Finding(1, "ConvolutionKernel", Reason.MISSING_REQUIRED_TAG, False, "CT", "x_not_null")
+    worklist.files[1].findings.append(flag.record())
+    worklist.qc_report = "reports/qc/b1/index.html"
+    return Worklist.load(worklist.save(tmp_path / "validate.json"))
+
+
+def test_every_table_accepts_the_rows_the_pipeline_builds(home, protocol, tmp_path):
+    """The row builders the tasks use, on rows that travelled as JSON, fill every column
+    of every table (no column left out, none made up) and write with the pinned schema."""
+    from pipeline.ledger import FileRecord
+    from pipeline.reasons import Disposition
+
+    worklist = _worklist_that_travelled(tmp_path)
+    versions = {"recipe_version": protocol.recipe_version, "code_version": "c"}
+    instances = rows.instance_rows(worklist, versions)
+    records = [
+        FileRecord(e.file_no, e.sha256, e.size, Disposition.ARCHIVED, None, None, e.sha256_out)
+        for e in worklist.files
+    ]
+    claimed = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    times = {
+        "uploaded_at": claimed - dt.timedelta(minutes=5),
+        "claimed_at": claimed,
+        "finished_at": claimed + dt.timedelta(seconds=90),
+    }
+    built = {
+        "instances": instances,
+        "series": rows.series_rows(instances),
+        "batches": [rows.batch_row(worklist, protocol, "done", records, times, "c")],
+        "qc_findings": rows.finding_rows(worklist, versions),
+    }
+    for table, table_rows in built.items():
+        for row in table_rows:
+            assert set(row) == set(tables.TABLES[table].names), table
+        tables.write_batch(home, table, "DEMO-01", "SITE-01", "b1", table_rows)
+    read = {table: tables.read_table(home, table).to_pylist() for table in built}
+    assert {t: len(r) for t, r in read.items()} == {
+        "instances": 4,
+        "series": 2,
+        "batches": 1,
+        "qc_findings": 1,
+    }
+    first = min(read["instances"], key=lambda r: r["sop_instance_uid"])
+    assert first["study_date"] == dt.date(2000, 1, 8) and first["study_day"] == 7
+    assert isinstance(first["pixel_spacing_row_mm"], float)
+    (series,) = [r for r in read["series"] if r["modality"] == "CT"]
+    assert series["instances"] == 2 and series["total_bytes"] == 240
+    (row,) = read["batches"]
+    assert (row["claimed_at"], row["processing_seconds"]) == (claimed, 90.0)
+    assert (row["archived"], row["flagged"], row["visit"]) == (4, 0, "BASELINE")
+    (finding,) = read["qc_findings"]
+    assert (finding["file_no"], finding["action"]) == (1, "flag")
+    assert finding["sop_instance_uid"] == worklist.files[1].sop_uid

@@ -95,18 +95,48 @@ def test_the_batch_record_links_its_gx_data_docs(processed, enrolled, trial):
     assert "SliceThickness" in html and "ConvolutionKernel" in html
 
 
-def test_rerunning_every_task_leaves_identical_rows(enrolled, trial):
+TABLES = ("instances", "series", "batches", "qc_findings")
+
+
+class Killed(Exception):
+    """Stands for a kill -9 at that point: nothing after it runs."""
+
+
+def test_rerunning_every_task_leaves_identical_rows(enrolled, trial, monkeypatch):
+    """Every task re-run in full (as when one is killed after its work, before it records
+    that it finished) rewrites identical rows in every table. The batches row's times are
+    the ledger's first record of the claim and of the final state, so finalize re-run
+    writes the same row, timings included; once finalized, a batch is not run again and
+    its row is not rewritten."""
     expected = upload_trial(enrolled, trial)
     batch_id = list(expected)[1]  # the batch with a quarantine and a flag finding
     steps = [s for s in batch.TASKS if s != "finalize"]
     process(enrolled, batch_id, steps)
-    first = {t: _sorted_rows(enrolled, t) for t in ("instances", "series", "qc_findings")}
-    process(enrolled, batch_id, steps)  # an Airflow retry of every task
-    process(enrolled, batch_id, ["finalize", "finalize"])
-    again = {t: _sorted_rows(enrolled, t) for t in ("instances", "series", "qc_findings")}
-    assert again == first
-    assert all(first.values())
-    assert len(tables.read_table(enrolled, "batches")) == 1
+    first = {t: _sorted_rows(enrolled, t) for t in TABLES}
+    for step in steps:
+        batch.TASKS[step](enrolled, batch_id)  # each task again, from its input worklist
+    assert {t: _sorted_rows(enrolled, t) for t in TABLES} == first
+    assert first["batches"] == [] and all(first[t] for t in ("instances", "series"))
+
+    def killed(folder):
+        raise Killed
+
+    monkeypatch.setattr(intake, "remove_tree", killed)  # cut off as finalize cleans up
+    with pytest.raises(Killed):
+        process(enrolled, batch_id, ["finalize"])
+    monkeypatch.undo()
+    finalized = {t: _sorted_rows(enrolled, t) for t in TABLES}
+    (row,) = tables.read_table(enrolled, "batches").to_pylist()
+    assert row["claimed_at"] < row["finished_at"] and row["processing_seconds"] > 0
+    assert {**finalized, "batches": []} == first  # finalize writes only the batches row
+    process(enrolled, batch_id, ["finalize"])  # the retry finds the batch still claimed
+    assert not enrolled.claimed_batch(batch_id).exists()
+    assert {t: _sorted_rows(enrolled, t) for t in TABLES} == finalized
+    (path,) = tables.table_files(enrolled, "batches")
+    written = (path.read_bytes(), path.stat().st_mtime_ns)
+    process(enrolled, batch_id, list(batch.TASKS))  # the whole batch again: a no-op
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == written
+    assert {t: _sorted_rows(enrolled, t) for t in TABLES} == finalized
 
 
 def _table_text(home):

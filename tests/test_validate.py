@@ -47,6 +47,45 @@ def test_the_protocol_suite_catches_a_missing_tag_and_an_out_of_range_value(prot
     }
 
 
+def test_a_range_rule_on_a_value_that_is_not_a_number_reports_it_out_of_range(protocol):
+    """Present but not a number is a bad value, not a missing one: the site must fix the
+    value, not re-export the headers."""
+    base = {"Modality": "CT", "KVP": "120", "ConvolutionKernel": "B30f"}
+    rows = [
+        {**base, "file_no": 0, "SliceThickness": "thick", "PixelSpacing": ["0.7", "0.7"]},
+        {**base, "file_no": 1, "SliceThickness": "NaN", "PixelSpacing": ["0.7", "0.7"]},
+        {**base, "file_no": 2, "SliceThickness": "", "PixelSpacing": ["0.7", "0.7"]},
+        {**base, "file_no": 3, "SliceThickness": "2.5", "PixelSpacing": ["0.7", "0.7"]},
+    ]
+    findings = {
+        (f.file_no, f.keyword, f.reason, f.expectation, f.observed)
+        for f in check_batch(protocol, rows)
+    }
+    assert findings == {
+        (
+            0,
+            "SliceThickness",
+            Reason.VALUE_OUT_OF_RANGE,
+            "expect_column_values_to_match_regex",
+            "thick",
+        ),
+        (
+            1,
+            "SliceThickness",
+            Reason.VALUE_OUT_OF_RANGE,
+            "expect_column_values_to_match_regex",
+            "nan",
+        ),
+        (
+            2,
+            "SliceThickness",
+            Reason.MISSING_REQUIRED_TAG,
+            "expect_column_values_to_not_be_null",
+            None,
+        ),
+    }
+
+
 def test_a_flag_only_rule_records_a_finding_without_quarantine(protocol):
     rows = [
         {

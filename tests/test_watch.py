@@ -4,7 +4,10 @@ announcement repeated by a restarted triggerer still asks for the same single in
 import asyncio
 import time
 
+from structlog.testing import capture_logs
+
 from pipeline import intake
+from pipeline.home import data_home
 from pipeline.watch import BATCH_IDS, ReadyBatchTrigger, ingest_requests, ingest_run_id
 
 
@@ -80,6 +83,27 @@ def test_the_watcher_only_reads_the_inbox(home, tmp_path):
     _watch(home, scenario)
     assert intake.find_upload(home, batch_id) is not None  # still READY, not claimed
     assert sorted(p.relative_to(home.root) for p in home.root.rglob("*")) == before
+
+
+def test_a_watcher_that_cannot_see_its_inbox_says_so_once_then_watches_it(tmp_path):
+    # A triggerer without the data home mounted: its inbox folder is not there.
+    home = data_home(tmp_path / "not-mounted")
+    staged = []
+
+    async def scenario(events):
+        await asyncio.sleep(0.4)  # several looks at the missing inbox
+        assert events == []
+        staged.append(_stage(home, tmp_path))  # the folders appear with the first upload
+        await _until(lambda: events)
+
+    with capture_logs() as logs:
+        events = _watch(home, scenario)
+    assert events == [{BATCH_IDS: staged}]
+    said = [(entry["log_level"], entry["event"]) for entry in logs]
+    missing = [event for level, event in said if "does not exist" in event]
+    assert len(missing) == 1 and ("warning", missing[0]) in said
+    assert str(home.inbox) in missing[0] and "data home" in missing[0]
+    assert ("info", "inbox found; watching it") in said
 
 
 def test_a_batch_announced_twice_asks_for_one_run_named_by_the_batch():

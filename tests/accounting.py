@@ -1,0 +1,63 @@
+"""The promise every fault test ends on: nothing lost, nothing duplicated.
+
+What was uploaded is counted by the test itself, from the files it staged, never from the
+ledger the pipeline writes: a ledger that forgot a file must fail the check, not shrink it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import intake, ledger, tables
+from pipeline.demo import upload_trial
+from pipeline.home import DataHome
+from pipeline.synth import PlannedBatch, SyntheticTrial
+
+
+def files_in(paths: list[Path]) -> int:
+    """How many files staging ``paths`` (files or folders) uploads."""
+    return sum(
+        sum(1 for p in path.rglob("*") if p.is_file()) if path.is_dir() else 1 for path in paths
+    )
+
+
+def stage(
+    home: DataHome, planned: PlannedBatch, paths: list[Path] | None = None, check: bool = True
+) -> tuple[str, int]:
+    """Stage ``paths`` (default: the planned batch's folder) as a batch of ``planned``'s
+    subject and visit; return the batch ID and how many files it uploaded."""
+    paths = paths or [planned.folder]
+    batch_id = intake.stage_batch(
+        home, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, paths, check=check
+    )
+    return batch_id, files_in(paths)
+
+
+def upload(home: DataHome, trial: SyntheticTrial) -> dict[str, int]:
+    """Stage every planned batch of the trial (``upload_trial``); return
+    ``{batch_id: files uploaded}``."""
+    staged = upload_trial(home, trial)
+    return {
+        batch_id: files_in([planned.folder])
+        for batch_id, planned in zip(staged, trial.batches, strict=True)
+    }
+
+
+def assert_accounted(home: DataHome, uploaded: int) -> None:
+    """uploaded = archived + quarantined + duplicates; no duplicate archive files, each
+    holding the bytes the ledger names; Parquet rows = archived files; nothing left
+    half-done, nothing left waiting in the inbox."""
+    files = ledger.file_rows(home)
+    assert len(files) == uploaded
+    assert {f["disposition"] for f in files} <= {"archived", "quarantined", "duplicate"}
+    archived = [f for f in files if f["disposition"] == "archived"]
+    on_disk = sorted(home.archive.rglob("*.dcm"))
+    assert len({f["archive_path"] for f in archived}) == len(archived), "archived twice"
+    assert sorted(home.archive / f["archive_path"] for f in archived) == on_disk
+    for f in archived:  # what the ledger says was archived is what the archive holds
+        assert intake.sha256_file(home.archive / f["archive_path"]) == f["sha256_out"]
+    assert tables.read_table(home, "instances").num_rows == len(archived)
+    assert intake.ready_batches(home) == [], "a READY batch was left unclaimed"
+    assert not any(home.claimed.iterdir()), "a batch was left claimed"
+    assert not [p for p in home.root.rglob("*.tmp")], "a temporary file was left behind"
+    assert all(b["state"] in ("done", "quarantined") for b in ledger.batch_rows(home))
