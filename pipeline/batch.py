@@ -34,13 +34,13 @@ from pipeline import (
     tables,
     zipped,
 )
-from pipeline.dicomio import read_elements, read_upload, write_dicom
+from pipeline.dicomio import read_upload, write_dicom
 from pipeline.enrollment import lookup
 from pipeline.home import DataHome, safe_relative
 from pipeline.protocol import Limits, Protocol, ProtocolError, load_protocol
 from pipeline.pseudonyms import patient_fingerprint, trial_secret
 from pipeline.reasons import BatchState, Disposition, Reason
-from pipeline.verify import IdentifyingValues, residual_phi
+from pipeline.verify import IdentifyingValues, residual_phi_in_file
 from pipeline.worklist import FileEntry, Worklist
 
 log = logging.getLogger("trialpipe.batch")
@@ -401,12 +401,11 @@ class _VerifyJob:
 def _verify_file(entry: FileEntry) -> tuple[Reason, str] | None:
     """The reason and detail to refuse a staged file for, or None when it is clean."""
     job: _VerifyJob = parallel.context()
-    # Large values (pixels) are not read; every element, trailing ones too, is.
+    # Every element is searched, trailing ones too; the pixel data is never decoded.
     staged = job.home.claimed_batch(job.batch_id) / str(entry.staged)
-    output = read_elements(staged)
-    if output.dataset is None:
+    hits = residual_phi_in_file(job.values, staged)
+    if hits is None:
         return Reason.DEID_FAILED, "de-identified file could not be re-read"
-    hits = residual_phi(job.values, output.dataset)
     if hits:
         return Reason.RESIDUAL_PHI, "identifying value left in " + ", ".join(hits)
     return None

@@ -8,6 +8,7 @@ import functools
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
@@ -15,7 +16,8 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID_dictionary
 
 from pipeline.annex_e import load_table
-from pipeline.dicomio import texts, walk
+from pipeline.dicomio import read_elements, texts, walk
+from pipeline.dicomscan import file_texts
 
 # Attributes whose values identify the patient, the visit or the people and place involved.
 IDENTIFYING_KEYWORDS = frozenset(
@@ -159,11 +161,27 @@ def residual_phi(original: IdentifyingValues, output: Dataset) -> list[str]:
 
     Returns attribute keywords (or tags for private and unknown elements), never values.
     """
-    found = [
-        (tag, texts(holder, tag, vr, codec))
-        for holder, tag, vr, codec in walk(output)
-        if tag != 0x7FE00010
-    ]
+    return _hits(
+        original,
+        [
+            (tag, texts(h, tag, vr, codec))
+            for h, tag, vr, codec in walk(output)
+            if tag != 0x7FE00010
+        ],
+    )
+
+
+def residual_phi_in_file(original: IdentifyingValues, path: Path) -> list[str] | None:
+    """:func:`residual_phi` of the file at ``path`` as written, read straight from its
+    bytes (pydicom parses it when the scanner cannot); None when it cannot be read."""
+    found = file_texts(path)
+    if found is not None:
+        return _hits(original, found)
+    output = read_elements(path).dataset
+    return None if output is None else residual_phi(original, output)
+
+
+def _hits(original: IdentifyingValues, found: list[tuple[int, list[str]]]) -> list[str]:
     # One search over every value (joined by a character no value holds and no pattern
     # can match across) answers for the clean file; only a hit is looked up per element.
     if not original.find("\x00".join(text for _, values in found for text in values)):

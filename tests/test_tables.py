@@ -222,7 +222,7 @@ def _worklist_that_travelled(tmp_path):
     ]
     worklist = Worklist("b1", "DEMO-01", "SITE-01", "DEMO-01-01001", "BASELINE", arm="A")
     for n, ds in enumerate(datasets):
-        row = rows.instance_row(ds, dt.date(2000, 1, 1))
+        row = rows.instance_row(ds, dt.date(2000, 1, 1), "PixelData" in ds)
         entry = FileEntry(n, f"f{n}.dcm", sha256="in", size=100, sha256_out=f"out{n}")
         entry.size_out, entry.archive_path = 120, f"DEMO-01/A/x/{n}.dcm"
         entry.sop_uid, entry.series_uid = row["sop_instance_uid"], row["series_uid"]
