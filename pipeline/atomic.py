@@ -51,10 +51,10 @@ def copy_file(source: Path, target: Path, durable: bool = True) -> Path:
     return write_with(target, lambda tmp: shutil.copyfile(source, tmp), durable)
 
 
-def link_or_copy(source: Path, target: Path) -> Path:
+def link_or_copy(source: Path, target: Path, durable: bool = True) -> Path:
     """Put ``source``'s bytes at ``target`` atomically: a hard link when both are on one
     filesystem (no bytes copied; ``source`` was written atomically and never changes),
-    else a copy."""
+    else a copy (``durable``: see :func:`write_with`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(target)
     try:
@@ -62,7 +62,7 @@ def link_or_copy(source: Path, target: Path) -> Path:
     except OSError as error:
         if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
             raise  # a full disk is a full disk, not a reason to copy
-        return copy_file(source, target)
+        return copy_file(source, target, durable)
     try:
         os.replace(tmp, target)
     finally:
