@@ -15,6 +15,7 @@ import logging
 import os
 import sqlite3
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,9 +337,16 @@ def _deidentify_file(entry: FileEntry) -> _Deidentified:
     return done
 
 
-def deidentify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
+def deidentify(
+    home: DataHome,
+    batch_id: str,
+    run_id: str | None = None,
+    meanwhile: Callable[[], object] | None = None,
+) -> Path:
     """De-identify every readable file into ``staged/`` (over worker processes); check
-    the batch is one patient, the same patient as the subject's earlier batches."""
+    the batch is one patient, the same patient as the subject's earlier batches.
+    ``meanwhile`` runs in this process while the workers work (see
+    :func:`pipeline.parallel.map_files`)."""
     # deid (and the matplotlib it imports) loads here, not in every task that imports
     # this module: a second saved per Airflow task process.
     from pipeline.deidentify import Deidentifier, Subject
@@ -362,7 +370,7 @@ def deidentify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path
     crosswalk: dict[tuple[str, str], str] = {}
     identifying: set[str] = set()
     position = {entry.file_no: n for n, entry in enumerate(worklist.files)}
-    for done in parallel.map_files(_deidentify_file, worklist.in_play(), job):
+    for done in parallel.map_files(_deidentify_file, worklist.in_play(), job, meanwhile=meanwhile):
         worklist.files[position[done.entry.file_no]] = done.entry
         if done.fingerprint:
             fingerprints.add(done.fingerprint)
@@ -689,19 +697,40 @@ OUTPUT = {
 }
 
 
+def run_in_process(home: DataHome, batch_id: str, steps: Sequence[str] = tuple(TASKS)) -> str:
+    """Run ``steps`` of one batch in this process, in order, as the DAG's tasks run them
+    (the dry run and the benchmarks do); return the last one's path. While the files are
+    de-identified, a thread loads Great Expectations for the validate step that follows
+    here (the DAG's validate task is a process of its own and loads it itself)."""
+    from pipeline import validate
+
+    path = ""
+    for step in steps:
+        options = (
+            {"meanwhile": validate.load} if step == "deidentify" and "validate" in steps else {}
+        )
+        path = run_task(step, batch_id, home, **options)
+    return path
+
+
 class DiskFull(RuntimeError):
     """The data home's disk is full: an infrastructure fault, not a bad file."""
 
 
 def run_task(
-    step: str, batch_id: str, home: DataHome | None = None, run_id: str | None = None
+    step: str,
+    batch_id: str,
+    home: DataHome | None = None,
+    run_id: str | None = None,
+    **options: Any,
 ) -> str:
     """Run one named task for a batch (the DAG's single entry point); return its path.
 
     A task whose worklist exists has completed (worklists are written last, atomically)
     and is not run again, so a batch resumed after a crash continues where it stopped; a
     finalized batch runs nothing again.
-    ``run_id`` is the Airflow DAG run's ID, recorded in the ledger.
+    ``run_id`` is the Airflow DAG run's ID, recorded in the ledger; ``options`` go to the
+    task's function.
     """
     from pipeline.home import data_home
 
@@ -712,7 +741,7 @@ def run_task(
     if done is not None and done.exists():
         return str(done)
     try:
-        return str(TASKS[step](home, batch_id, run_id=run_id))
+        return str(TASKS[step](home, batch_id, run_id=run_id, **options))
     except (OSError, DBAPIError) as error:
         if not _disk_full(error):
             raise

@@ -48,49 +48,50 @@ def deidentify_folder(
         raise DryRunRefused(f"no such folder: {input_dir}")
     sandbox = DataHome(home.restricted / "dry-runs" / uuid.uuid4().hex).ensure()
     try:
-        _seed(home, sandbox, protocol.protocol_id, subject_id)
-        batch_id = intake.stage_batch(
-            sandbox,
-            protocol_id,
-            site_id,
-            subject_id,
-            visit,
-            sorted(input_dir.iterdir()),
-            uploader="dry-run",
-            link=True,
-        )
-        for step in (batch.claim, batch.deidentify, batch.verify, batch.validate):
-            state = step(sandbox, batch_id)
-        worklist = batch.Worklist.load(state)
-        report_files = []
-        for entry in worklist.files:
-            reason = worklist.batch_reason or entry.reason
-            actions = None
-            if reason is None and entry.staged:
-                staged = sandbox.claimed_batch(batch_id) / entry.staged
-                atomic.link_or_copy(staged, output_dir / entry.path, durable=False)
-                original = batch.original_path(sandbox, batch_id, entry)
-                actions = changes(original, staged)
-            report_files.append(
-                {
-                    "path": entry.path,
-                    "reason": reason,
-                    "detail": worklist.batch_detail if worklist.batch_reason else entry.detail,
-                    "flags": entry.flags,
-                    "sop_instance_uid": entry.sop_uid if reason is None else None,
-                    "actions": actions,
-                }
+        _seed(home, sandbox, protocol.protocol_id, subject_id)  # the real home's key: durable
+        with atomic.scratch():  # a throw-away sandbox, an output made again: no disk waits
+            batch_id = intake.stage_batch(
+                sandbox,
+                protocol_id,
+                site_id,
+                subject_id,
+                visit,
+                sorted(input_dir.iterdir()),
+                uploader="dry-run",
+                link=True,
             )
-        report = {
-            "protocol_id": protocol_id,
-            "recipe_version": protocol.recipe_version,
-            "subject_id": subject_id,
-            "visit": visit,
-            "files": report_files,
-        }
-        atomic.sync()  # the copies, written without a per-file fsync, before the report
-        atomic.write_json(output_dir / REPORT, report)
-        return report
+            state = batch.run_in_process(
+                sandbox, batch_id, ("claim", "deidentify", "verify", "validate")
+            )
+            worklist = batch.Worklist.load(Path(state))
+            report_files = []
+            for entry in worklist.files:
+                reason = worklist.batch_reason or entry.reason
+                actions = None
+                if reason is None and entry.staged:
+                    staged = sandbox.claimed_batch(batch_id) / entry.staged
+                    atomic.link_or_copy(staged, output_dir / entry.path, durable=False)
+                    original = batch.original_path(sandbox, batch_id, entry)
+                    actions = changes(original, staged)
+                report_files.append(
+                    {
+                        "path": entry.path,
+                        "reason": reason,
+                        "detail": worklist.batch_detail if worklist.batch_reason else entry.detail,
+                        "flags": entry.flags,
+                        "sop_instance_uid": entry.sop_uid if reason is None else None,
+                        "actions": actions,
+                    }
+                )
+            report = {
+                "protocol_id": protocol_id,
+                "recipe_version": protocol.recipe_version,
+                "subject_id": subject_id,
+                "visit": visit,
+                "files": report_files,
+            }
+            atomic.write_json(output_dir / REPORT, report)
+            return report
     finally:
         shutil.rmtree(sandbox.root, ignore_errors=True)
 

@@ -55,6 +55,14 @@ def _import_deferred(name: str) -> types.ModuleType:
     return sys.modules[name]
 
 
+def load() -> None:
+    """Import Great Expectations (and pandas), as :func:`check_batch` does first: a caller
+    may do it ahead, while other work runs."""
+    _defer_unused_imports()
+    import great_expectations  # noqa: F401
+    import pandas  # noqa: F401
+
+
 def _defer_unused_imports() -> None:
     for name in _UNUSED_AT_IMPORT:
         if name in sys.modules:
@@ -152,7 +160,7 @@ def check_batch(
     """Run the protocol's suites on metadata rows (``file_no``, ``Modality`` and the
     required keywords, raw values); return the findings. With ``docs_dir``, also render
     the results as GX Data Docs there (replacing an earlier rendering)."""
-    _defer_unused_imports()
+    load()
     import great_expectations as gx
     import pandas as pd
     from great_expectations.core.run_identifier import RunIdentifier
