@@ -66,8 +66,7 @@ def library(home: Path, batch_id: str) -> int:
     from pipeline.home import data_home
 
     data = data_home(home)
-    for step in batch.TASKS:
-        batch.run_task(step, batch_id, data)
+    batch.run_in_process(data, batch_id)
     row = ledger.batch_row(data, batch_id)
     assert row is not None and row["state"] == "done", row
     return int(row["files"])

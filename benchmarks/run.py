@@ -20,9 +20,12 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.corpus import Corpus, generate
@@ -54,7 +57,7 @@ def _subset(source: Path, target: Path, count: int) -> Path:
 
 
 def _home(work: Path, name: str, corpus: Corpus) -> Path:
-    home = work / "homes" / name
+    home = _fresh(work / "homes" / name)
     subprocess.run(
         [
             TRIALPIPE,
@@ -103,101 +106,137 @@ def _composed_recipe(work: Path) -> Path:
     return Path(shutil.copy(composed, work / "composed.dicom"))
 
 
-def _contenders(work: Path, corpus: Corpus, label: str, folder: Path, recipe: Path) -> list[dict]:
+@dataclass(frozen=True)
+class Run:
+    """One contender on one corpus: ``prepare`` readies a fresh output (a new home with
+    the batch uploaded, an empty output folder) and returns the command to measure."""
+
+    corpus: str
+    contender: str
+    prepare: Callable[[], list[str]]
+    env: dict[str, str] | None = None
+
+
+def _fresh(folder: Path) -> Path:
+    # Every measured run writes new files: overwriting the last round's would add the
+    # cost of freeing their blocks to whoever ran second.
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def _contenders(work: Path, corpus: Corpus, label: str, folder: Path, recipe: Path) -> list[Run]:
     out = work / "out" / label
-    rows = []
+    contender = [PYTHON, "-m", "benchmarks.contenders"]
     runs = [
-        (
+        Run(
+            label,
             "plain pydicom read+write",
-            [PYTHON, "-m", "benchmarks.contenders", "plain", str(folder), str(out / "plain")],
-            None,
+            lambda: [*contender, "plain", str(folder), str(_fresh(out / "plain"))],
         ),
-        (
+        Run(
+            label,
             "deid replace_identifiers (naive)",
-            [
-                PYTHON,
-                "-m",
-                "benchmarks.contenders",
-                "deid",
-                str(folder),
-                str(out / "deid"),
-                str(recipe),
-            ],
-            None,
+            lambda: [*contender, "deid", str(folder), str(_fresh(out / "deid")), str(recipe)],
         ),
-        (
+        Run(
+            label,
             "dicognito",
-            [
-                PYTHON,
-                "-m",
-                "benchmarks.contenders",
-                "dicognito",
-                str(folder),
-                str(out / "dicognito"),
-            ],
-            None,
+            lambda: [*contender, "dicognito", str(folder), str(_fresh(out / "dicognito"))],
         ),
     ]
     for processes in (1, 2):
-        home = _home(work, f"deid-{label}-{processes}", corpus)
+        plural = "es" if processes > 1 else ""
+
+        def dry_run(processes: int = processes) -> list[str]:
+            home = _home(work, f"deid-{label}-{processes}", corpus)
+            return [
+                TRIALPIPE,
+                "--home",
+                str(home),
+                "deid",
+                "--protocol",
+                "DEMO-01",
+                "--site",
+                corpus.site_id,
+                "--subject",
+                corpus.subject_id,
+                "--visit",
+                corpus.visit,
+                str(folder),
+                str(_fresh(out / f"trialpipe-{processes}")),
+            ]
+
+        def library(processes: int = processes) -> list[str]:
+            home = _home(work, f"library-{label}-{processes}", corpus)
+            return [*contender, "library", str(home), _upload(home, corpus, folder)]
+
+        workers = {"TRIALPIPE_WORKERS": str(processes)}
+        runs.append(Run(label, f"trialpipe deid ({processes} process{plural})", dry_run, workers))
         runs.append(
-            (
-                f"trialpipe deid ({processes} process{'es' if processes > 1 else ''})",
-                [
-                    TRIALPIPE,
-                    "--home",
-                    str(home),
-                    "deid",
-                    "--protocol",
-                    "DEMO-01",
-                    "--site",
-                    corpus.site_id,
-                    "--subject",
-                    corpus.subject_id,
-                    "--visit",
-                    corpus.visit,
-                    str(folder),
-                    str(out / f"trialpipe-{processes}"),
-                ],
-                {"TRIALPIPE_WORKERS": str(processes)},
+            Run(
+                label, f"trialpipe library pipeline ({processes} process{plural})", library, workers
             )
         )
-    for processes in (1, 2):
-        home = _home(work, f"library-{label}-{processes}", corpus)
-        batch_id = _upload(home, corpus, folder)
-        runs.append(
-            (
-                f"trialpipe library pipeline ({processes} process{'es' if processes > 1 else ''})",
-                [PYTHON, "-m", "benchmarks.contenders", "library", str(home), batch_id],
-                {"TRIALPIPE_WORKERS": str(processes)},
+    return runs
+
+
+def _measure_runs(runs: list[Run], repeat: int) -> list[dict]:
+    """Each run ``repeat`` times, round by round (so a slow spell of the machine falls on
+    every contender alike); each row holds the median of its rounds."""
+    rounds: dict[int, list[dict]] = {n: [] for n in range(len(runs))}
+    for round_number in range(repeat):
+        for n, run in enumerate(runs):
+            print(
+                f"  round {round_number + 1}/{repeat} {run.corpus}: {run.contender}",
+                file=sys.stderr,
+                flush=True,
             )
+            rounds[n].append(_measure(run.prepare(), run.env))
+    rows = []
+    for n, run in enumerate(runs):
+        measured = rounds[n]
+        rows.append(
+            {
+                "corpus": run.corpus,
+                "contender": run.contender,
+                **{
+                    key: statistics.median(m[key] for m in measured)
+                    for key in ("wall_s", "cpu_s", "peak_rss_mb")
+                },
+                "rounds": [{k: m[k] for k in ("wall_s", "cpu_s")} for m in measured],
+            }
         )
-    for name, command, env in runs:
-        print(f"  {label}: {name}", file=sys.stderr, flush=True)
-        rows.append({"corpus": label, "contender": name, **_measure(command, env)})
     return rows
 
 
-def _dag(work: Path, corpus: Corpus, folder: Path, label: str) -> list[dict]:
+def _dag(work: Path, corpus: Corpus, folder: Path, label: str, repeat: int) -> list[dict]:
     rows = []
-    home = _home(work, f"library-{label}", corpus)
-    batch_id = _upload(home, corpus, folder)
-    print(f"  {label}: library pipeline", file=sys.stderr, flush=True)
-    rows.append(
-        {
-            "corpus": label,
-            "contender": LIBRARY,
-            **_measure(
+    library_rounds, dag_rounds = [], []
+    for round_number in range(repeat):
+        print(f"  round {round_number + 1}/{repeat} {label}: library pipeline", file=sys.stderr)
+        home = _home(work, f"library-{label}", corpus)
+        batch_id = _upload(home, corpus, folder)
+        library_rounds.append(
+            _measure(
                 [PYTHON, "-m", "benchmarks.contenders", "library", str(home), batch_id],
                 {"TRIALPIPE_WORKERS": "2"},
-            ),
-        }
-    )
-    home = _home(work, f"dag-{label}", corpus)
-    _upload(home, corpus, folder)
-    print(f"  {label}: Airflow DAG (trialpipe run)", file=sys.stderr, flush=True)
-    measured = _measure([TRIALPIPE, "--home", str(home), "run", "--timeout", "7200"])
-    rows.append({"corpus": label, "contender": DAG, **measured, "dag_run_s": _dag_run_s(home)})
+            )
+        )
+        print(f"  round {round_number + 1}/{repeat} {label}: Airflow DAG", file=sys.stderr)
+        home = _home(work, f"dag-{label}", corpus)
+        _upload(home, corpus, folder)
+        measured = _measure([TRIALPIPE, "--home", str(home), "run", "--timeout", "7200"])
+        dag_rounds.append({**measured, "dag_run_s": _dag_run_s(home)})
+    for contender, measured in ((LIBRARY, library_rounds), (DAG, dag_rounds)):
+        keys = ("wall_s", "cpu_s", "peak_rss_mb") + (("dag_run_s",) if contender == DAG else ())
+        rows.append(
+            {
+                "corpus": label,
+                "contender": contender,
+                **{key: statistics.median(m[key] for m in measured) for key in keys},
+                "rounds": [{k: m[k] for k in ("wall_s", "cpu_s")} for m in measured],
+            }
+        )
     return rows
 
 
@@ -281,14 +320,16 @@ def run(args: argparse.Namespace) -> list[dict]:
         folders[f"MR {args.mr}"] = corpus.folder("mr")
     if args.small:
         folders[f"headers {args.small}"] = corpus.folder("small")
+    runs: list[Run] = []
     for label, folder in folders.items():
         sizes[label] = _size(folder)
-        rows += _contenders(work, corpus, label, folder, recipe)
+        runs += _contenders(work, corpus, label, folder, recipe)
+    rows += _measure_runs(runs, args.repeat)
     if args.dag_files:
         label = f"CT batch {args.dag_files}"
         folder = _subset(corpus.folder("ct"), work / "sets" / "dag", args.dag_files)
         sizes[label] = _size(folder)
-        rows += _dag(work, corpus, folder, label)
+        rows += _dag(work, corpus, folder, label, args.repeat)
     _ratios(rows, sizes)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -298,6 +339,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 def report(rows: list[dict], command: str) -> str:
     """docs/benchmarks.md: the table, the machine and the targets' status."""
     by = {(r["corpus"], r["contender"]): r for r in rows}
+    rounds = max((len(r.get("rounds", [])) for r in rows), default=1)
     notes = []
     for corpus in sorted({r["corpus"] for r in rows}):
         if not corpus.startswith("CT ") or corpus.startswith("CT batch"):
@@ -341,7 +383,9 @@ def report(rows: list[dict], command: str) -> str:
         f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `{command}` on: "
         f"{_machine()}.\n\n"
         "Every contender ran in its own process (start-up included) on the same files, in "
-        "one run; ratios are to plain pydicom read+write of the same corpus (higher is "
+        f"one run of {rounds} rounds taken round by round (each figure is the median of its "
+        "rounds, each round writing new files); ratios are to plain pydicom read+write of "
+        "the same corpus (higher is "
         'faster; 1.00 = as fast as plain I/O). "Per CPU s" divides by CPU time instead '
         "of wall time. trialpipe runs with `TRIALPIPE_WORKERS` set to 1 and to 2 processes; "
         "the 1-process ratio is its per-core throughput. Peak RSS is the largest single "
@@ -355,6 +399,7 @@ def main() -> None:
     parser.add_argument("--mr", type=int, default=300)
     parser.add_argument("--small", type=int, default=500)
     parser.add_argument("--dag-files", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; medians reported")
     parser.add_argument("--work", help="working folder (default: a new temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     parser.add_argument("--out", type=Path, help="write the Markdown report here")

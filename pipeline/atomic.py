@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+# Set while writing a throw-away home (the dry run's sandbox), whose files need not survive
+# a power cut: no write then waits for the disk.
+_scratch = False
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[None]:
+    """Within this block, atomic writes still rename into place but nothing is flushed to
+    stable storage (for a dry run: its sandbox is thrown away, its output made again)."""
+    global _scratch
+    before, _scratch = _scratch, True
+    try:
+        yield
+    finally:
+        _scratch = before
 
 
 def _temp_name(target: Path) -> Path:
@@ -26,7 +43,7 @@ def write_with(target: Path, writer: Callable[[Path], None], durable: bool = Tru
     tmp = _temp_name(target)
     try:
         writer(tmp)
-        if durable:
+        if durable and not _scratch:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -51,10 +68,10 @@ def copy_file(source: Path, target: Path, durable: bool = True) -> Path:
     return write_with(target, lambda tmp: shutil.copyfile(source, tmp), durable)
 
 
-def link_or_copy(source: Path, target: Path) -> Path:
+def link_or_copy(source: Path, target: Path, durable: bool = True) -> Path:
     """Put ``source``'s bytes at ``target`` atomically: a hard link when both are on one
     filesystem (no bytes copied; ``source`` was written atomically and never changes),
-    else a copy."""
+    else a copy (``durable``: see :func:`write_with`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(target)
     try:
@@ -62,7 +79,7 @@ def link_or_copy(source: Path, target: Path) -> Path:
     except OSError as error:
         if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
             raise  # a full disk is a full disk, not a reason to copy
-        return copy_file(source, target)
+        return copy_file(source, target, durable)
     try:
         os.replace(tmp, target)
     finally:
@@ -72,7 +89,8 @@ def link_or_copy(source: Path, target: Path) -> Path:
 
 def sync() -> None:
     """Flush every write not yet on disk (files and renames) to stable storage."""
-    os.sync()
+    if not _scratch:
+        os.sync()
 
 
 def move_file(source: Path, target: Path) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import hashlib
 import json
 import logging
 import os
 import sqlite3
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,13 @@ from pipeline import (
     tables,
     zipped,
 )
-from pipeline.dicomio import read_dicom, write_dicom
+from pipeline.dicomio import read_upload, write_dicom
 from pipeline.enrollment import lookup
 from pipeline.home import DataHome, safe_relative
 from pipeline.protocol import Limits, Protocol, ProtocolError, load_protocol
 from pipeline.pseudonyms import patient_fingerprint, trial_secret
 from pipeline.reasons import BatchState, Disposition, Reason
-from pipeline.verify import IdentifyingValues, residual_phi
+from pipeline.verify import IdentifyingValues, residual_phi_in_file
 from pipeline.worklist import FileEntry, Worklist
 
 log = logging.getLogger("trialpipe.batch")
@@ -273,20 +275,26 @@ class _Deidentified:
 
 
 def _deidentify_file(entry: FileEntry) -> _Deidentified:
-    from pipeline.deidentify import BurnedInAnnotationError, DeidentificationError
+    from pipeline.deidentify import BurnedInAnnotationError, DeidentificationError, burned_in_risk
 
     job: _DeidJob = parallel.context()
     done = _Deidentified(entry)
     source = original_path(job.home, job.batch_id, entry)
-    if not source.exists():
+    # The whole file is read once: its checksum, its header and its pixel bytes all come
+    # from this one buffer (the pixels are written back untouched unless cleaned).
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError:
         entry.refuse(Reason.FILE_MISSING)
         return done
-    if entry.sha256 and intake.sha256_file(source) != entry.sha256:
+    if entry.sha256 and hashlib.sha256(data).hexdigest() != entry.sha256:
         entry.refuse(Reason.CHECKSUM_MISMATCH)
         return done
-    read = read_dicom(source)
-    if read.reason:
-        entry.refuse(read.reason)
+    read = read_upload(data)
+    if read.dataset is not None and read.pixels is not None and burned_in_risk(read.dataset):
+        read = read_upload(data, keep_pixels_apart=False)  # cleaning needs the pixels
+    if read.reason or read.dataset is None:
+        entry.refuse(read.reason or Reason.NOT_DICOM)
         return done
     ds = read.dataset
     done.fingerprint = patient_fingerprint(
@@ -296,7 +304,7 @@ def _deidentify_file(entry: FileEntry) -> _Deidentified:
         str(ds.get("PatientBirthDate", "") or ""),
     )
     try:
-        outcome = job.deidentifier.apply(ds)
+        outcome = job.deidentifier.apply(ds, read.encoded)
     except BurnedInAnnotationError as error:
         entry.refuse(Reason.BURNED_IN_ANNOTATION, str(error))
         return done
@@ -304,15 +312,17 @@ def _deidentify_file(entry: FileEntry) -> _Deidentified:
         entry.refuse(Reason.DEID_FAILED, str(error))
         return done
     staged = _staged(job.home, job.batch_id, entry.file_no)
+    written: list[tuple[str, int]] = []
     try:
-        atomic.write_with(staged, lambda tmp: write_dicom(ds, tmp), durable=False)
+        atomic.write_with(
+            staged, lambda tmp: written.append(write_dicom(ds, tmp, read.pixels)), durable=False
+        )
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as error:
         # pydicom read the file but cannot encode it again (a malformed original).
         entry.refuse(Reason.DEID_FAILED, f"cannot be written as DICOM ({type(error).__name__})")
         return done
     entry.staged = str(staged.relative_to(job.home.claimed_batch(job.batch_id)))
-    entry.sha256_out = intake.sha256_file(staged)
-    entry.size_out = staged.stat().st_size
+    entry.sha256_out, entry.size_out = written[-1]
     entry.sop_uid, entry.study_uid, entry.series_uid = (
         outcome.sop_uid,
         outcome.study_uid,
@@ -320,16 +330,23 @@ def _deidentify_file(entry: FileEntry) -> _Deidentified:
     )
     # The table row and the required tags come from the de-identified dataset just
     # written, so validate and write_tables need not parse the file again.
-    row = rows.instance_row(ds, job.anchor)
+    row = rows.instance_row(ds, job.anchor, read.pixels is not None or "PixelData" in ds)
     entry.row = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
     entry.required = rows.tag_values(ds, job.required)
     done.crosswalk, done.identifying = outcome.crosswalk, outcome.identifying
     return done
 
 
-def deidentify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
+def deidentify(
+    home: DataHome,
+    batch_id: str,
+    run_id: str | None = None,
+    meanwhile: Callable[[], object] | None = None,
+) -> Path:
     """De-identify every readable file into ``staged/`` (over worker processes); check
-    the batch is one patient, the same patient as the subject's earlier batches."""
+    the batch is one patient, the same patient as the subject's earlier batches.
+    ``meanwhile`` runs in this process while the workers work (see
+    :func:`pipeline.parallel.map_files`)."""
     # deid (and the matplotlib it imports) loads here, not in every task that imports
     # this module: a second saved per Airflow task process.
     from pipeline.deidentify import Deidentifier, Subject
@@ -353,7 +370,7 @@ def deidentify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path
     crosswalk: dict[tuple[str, str], str] = {}
     identifying: set[str] = set()
     position = {entry.file_no: n for n, entry in enumerate(worklist.files)}
-    for done in parallel.map_files(_deidentify_file, worklist.in_play(), job):
+    for done in parallel.map_files(_deidentify_file, worklist.in_play(), job, meanwhile=meanwhile):
         worklist.files[position[done.entry.file_no]] = done.entry
         if done.fingerprint:
             fingerprints.add(done.fingerprint)
@@ -392,12 +409,11 @@ class _VerifyJob:
 def _verify_file(entry: FileEntry) -> tuple[Reason, str] | None:
     """The reason and detail to refuse a staged file for, or None when it is clean."""
     job: _VerifyJob = parallel.context()
-    # Large values (pixels) are not read; every element, trailing ones too, is.
+    # Every element is searched, trailing ones too; the pixel data is never decoded.
     staged = job.home.claimed_batch(job.batch_id) / str(entry.staged)
-    output = read_dicom(staged, defer_size=DEFER_ABOVE)
-    if output.dataset is None:
+    hits = residual_phi_in_file(job.values, staged)
+    if hits is None:
         return Reason.DEID_FAILED, "de-identified file could not be re-read"
-    hits = residual_phi(job.values, output.dataset)
     if hits:
         return Reason.RESIDUAL_PHI, "identifying value left in " + ", ".join(hits)
     return None
@@ -419,9 +435,6 @@ def verify(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
             faults.checkpoint("verify")
     log.info("verified batch %s: %d files clean", batch_id, len(worklist.in_play()))
     return worklist.save(_state(home, batch_id, "verify"))
-
-
-DEFER_ABOVE = 64 * 1024
 
 
 def validate(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
@@ -684,19 +697,40 @@ OUTPUT = {
 }
 
 
+def run_in_process(home: DataHome, batch_id: str, steps: Sequence[str] = tuple(TASKS)) -> str:
+    """Run ``steps`` of one batch in this process, in order, as the DAG's tasks run them
+    (the dry run and the benchmarks do); return the last one's path. While the files are
+    de-identified, a thread loads Great Expectations for the validate step that follows
+    here (the DAG's validate task is a process of its own and loads it itself)."""
+    from pipeline import validate
+
+    path = ""
+    for step in steps:
+        options = (
+            {"meanwhile": validate.load} if step == "deidentify" and "validate" in steps else {}
+        )
+        path = run_task(step, batch_id, home, **options)
+    return path
+
+
 class DiskFull(RuntimeError):
     """The data home's disk is full: an infrastructure fault, not a bad file."""
 
 
 def run_task(
-    step: str, batch_id: str, home: DataHome | None = None, run_id: str | None = None
+    step: str,
+    batch_id: str,
+    home: DataHome | None = None,
+    run_id: str | None = None,
+    **options: Any,
 ) -> str:
     """Run one named task for a batch (the DAG's single entry point); return its path.
 
     A task whose worklist exists has completed (worklists are written last, atomically)
     and is not run again, so a batch resumed after a crash continues where it stopped; a
     finalized batch runs nothing again.
-    ``run_id`` is the Airflow DAG run's ID, recorded in the ledger.
+    ``run_id`` is the Airflow DAG run's ID, recorded in the ledger; ``options`` go to the
+    task's function.
     """
     from pipeline.home import data_home
 
@@ -707,7 +741,7 @@ def run_task(
     if done is not None and done.exists():
         return str(done)
     try:
-        return str(TASKS[step](home, batch_id, run_id=run_id))
+        return str(TASKS[step](home, batch_id, run_id=run_id, **options))
     except (OSError, DBAPIError) as error:
         if not _disk_full(error):
             raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -20,11 +20,12 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from pipeline import __version__, pseudonyms
 from pipeline.annex_e import option_codes
+from pipeline.dicomio import element_vr
 from pipeline.enrollment import Enrollee
 from pipeline.fastdeid import CompiledRecipe
 from pipeline.home import DataHome, recipes_dir
@@ -173,10 +174,14 @@ class Deidentifier:
             return ""
         return (day + dt.timedelta(days=self.offset)).strftime("%Y%m%d") + text[8:]
 
-    def apply(self, ds: FileDataset) -> Outcome:
-        """De-identify ``ds`` in place; raise :class:`DeidentificationError` on failure."""
-        as_read = _AsRead(ds)
-        original = identifying_values(ds, self.composed.kept)  # decodes every element
+    def apply(self, ds: FileDataset, encoded: Mapping[BaseTag, Any] | None = None) -> Outcome:
+        """De-identify ``ds`` in place; raise :class:`DeidentificationError` on failure.
+
+        ``encoded`` holds ``ds``'s elements as read, before any was decoded
+        (:attr:`pipeline.dicomio.ReadResult.encoded`): the elements de-identification
+        leaves unchanged are written back as those bytes."""
+        as_read = _AsRead(ds, encoded)
+        original = identifying_values(ds, self.composed.kept)
         as_read.decoded(ds)
         outcome = Outcome("", "", "", identifying=original.values)
         patient_id = str(ds.get("PatientID", "") or "").strip()
@@ -302,13 +307,13 @@ class _AsRead:
     character set changed, since the bytes were decoded under it.
     """
 
-    def __init__(self, ds: Dataset) -> None:
-        self.encoded = dict(ds._dict)
+    def __init__(self, ds: Dataset, encoded: Mapping[BaseTag, Any] | None = None) -> None:
+        self.encoded = dict(ds._dict) if encoded is None else encoded
         self.values: dict[Any, tuple[Any, Any]] = {}
         self.charset: Any = None
 
     def decoded(self, ds: Dataset) -> None:
-        """Note each element's decoded value (call once every element has been decoded)."""
+        """Note the value of each element decoded so far (call before any is changed)."""
         for tag, element in ds._dict.items():
             if isinstance(self.encoded.get(tag), RawDataElement) and element.VR != "SQ":
                 self.values[tag] = (element, _copy(element.value))
@@ -334,13 +339,12 @@ def remove_structural(ds: Dataset, safe: tuple[SafePrivate, ...] = ()) -> None:
     curve groups (50xx) and overlay groups (60xx, whose Overlay Data and Comments are X;
     the rest of a plane is useless without them). Recurses into sequence items."""
     keep = _safe_private_tags(ds, safe)
-    for tag in [e.tag for e in ds if e.tag.is_private and e.tag not in keep]:
-        del ds[tag]
-    for tag in [e.tag for e in ds if _repeating_group(e.tag.group)]:
-        del ds[tag]
-    for element in ds.values():
-        if element.VR == "SQ":
-            for item in element.value:
+    for tag in list(ds._dict):
+        if (tag.is_private and tag not in keep) or _repeating_group(tag.group):
+            del ds[tag]
+    for tag in list(ds._dict):
+        if element_vr(ds, tag) == "SQ":
+            for item in ds[tag].value or ():
                 remove_structural(item, safe)
 
 
@@ -348,10 +352,11 @@ def _safe_private_tags(ds: Dataset, safe: tuple[SafePrivate, ...]) -> set[int]:
     """Tags of the safe-listed private elements present in ``ds`` and their creators."""
     keep: set[int] = set()
     for rule in safe:
-        for block_number in range(0x10, 0x100):
-            creator_tag = Tag(rule.group, block_number)
-            if creator_tag not in ds or str(ds[creator_tag].value).strip() != rule.creator:
+        creators = [t for t in ds._dict if t.group == rule.group and 0x10 <= t.element <= 0xFF]
+        for creator_tag in creators:
+            if str(ds[creator_tag].value).strip() != rule.creator:
                 continue
+            block_number = creator_tag.element
             listed = {Tag(rule.group, (block_number << 8) | e) for e in rule.elements}
             present = {t for t in listed if t in ds}
             if present:

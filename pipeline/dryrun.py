@@ -9,14 +9,16 @@ would archive. Nothing touches the archive, the ledger, the tables or the crossw
 from __future__ import annotations
 
 import shutil
+import struct
 import uuid
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset
+import pydicom
+from pydicom.datadict import keyword_for_tag
+from pydicom.tag import BaseTag
 
 from pipeline import atomic, batch, enrollment, intake, restricted
-from pipeline.dicomio import read_dicom
 from pipeline.home import DataHome
 from pipeline.intake import UploadRefused
 from pipeline.pseudonyms import trial_secret
@@ -46,69 +48,95 @@ def deidentify_folder(
         raise DryRunRefused(f"no such folder: {input_dir}")
     sandbox = DataHome(home.restricted / "dry-runs" / uuid.uuid4().hex).ensure()
     try:
-        _seed(home, sandbox, protocol.protocol_id, subject_id)
-        batch_id = intake.stage_batch(
-            sandbox,
-            protocol_id,
-            site_id,
-            subject_id,
-            visit,
-            sorted(input_dir.iterdir()),
-            uploader="dry-run",
-        )
-        for step in (batch.claim, batch.deidentify, batch.verify, batch.validate):
-            state = step(sandbox, batch_id)
-        worklist = batch.Worklist.load(state)
-        report_files = []
-        for entry in worklist.files:
-            reason = worklist.batch_reason or entry.reason
-            actions = None
-            if reason is None and entry.staged:
-                staged = sandbox.claimed_batch(batch_id) / entry.staged
-                atomic.copy_file(staged, output_dir / entry.path, durable=False)
-                original = batch.original_path(sandbox, batch_id, entry)
-                actions = changes(read_dicom(original).dataset, read_dicom(staged).dataset)
-            report_files.append(
-                {
-                    "path": entry.path,
-                    "reason": reason,
-                    "detail": worklist.batch_detail if worklist.batch_reason else entry.detail,
-                    "flags": entry.flags,
-                    "sop_instance_uid": entry.sop_uid if reason is None else None,
-                    "actions": actions,
-                }
+        _seed(home, sandbox, protocol.protocol_id, subject_id)  # the real home's key: durable
+        with atomic.scratch():  # a throw-away sandbox, an output made again: no disk waits
+            batch_id = intake.stage_batch(
+                sandbox,
+                protocol_id,
+                site_id,
+                subject_id,
+                visit,
+                sorted(input_dir.iterdir()),
+                uploader="dry-run",
+                link=True,
             )
-        report = {
-            "protocol_id": protocol_id,
-            "recipe_version": protocol.recipe_version,
-            "subject_id": subject_id,
-            "visit": visit,
-            "files": report_files,
-        }
-        atomic.sync()  # the copies, written without a per-file fsync, before the report
-        atomic.write_json(output_dir / REPORT, report)
-        return report
+            state = batch.run_in_process(
+                sandbox, batch_id, ("claim", "deidentify", "verify", "validate")
+            )
+            worklist = batch.Worklist.load(Path(state))
+            report_files = []
+            for entry in worklist.files:
+                reason = worklist.batch_reason or entry.reason
+                actions = None
+                if reason is None and entry.staged:
+                    staged = sandbox.claimed_batch(batch_id) / entry.staged
+                    atomic.link_or_copy(staged, output_dir / entry.path, durable=False)
+                    original = batch.original_path(sandbox, batch_id, entry)
+                    actions = changes(original, staged)
+                report_files.append(
+                    {
+                        "path": entry.path,
+                        "reason": reason,
+                        "detail": worklist.batch_detail if worklist.batch_reason else entry.detail,
+                        "flags": entry.flags,
+                        "sop_instance_uid": entry.sop_uid if reason is None else None,
+                        "actions": actions,
+                    }
+                )
+            report = {
+                "protocol_id": protocol_id,
+                "recipe_version": protocol.recipe_version,
+                "subject_id": subject_id,
+                "visit": visit,
+                "files": report_files,
+            }
+            atomic.write_json(output_dir / REPORT, report)
+            return report
     finally:
         shutil.rmtree(sandbox.root, ignore_errors=True)
 
 
-def changes(original: Dataset, output: Dataset) -> dict[str, list[str]]:
-    """What de-identification did to each top-level attribute, by name (never by value)."""
+def changes(original: Path, output: Path) -> dict[str, list[str]]:
+    """What de-identification did to each top-level attribute, by name (never by value).
+
+    The headers are compared by the bytes of each element (only an element already
+    decoded is compared by value), the pixel data by its bytes."""
+    before, after = _top_level(original), _top_level(output)
     done: dict[str, list[str]] = {"removed": [], "emptied": [], "replaced": [], "kept": []}
-    before = {element.tag: element for element in original}
-    after = {element.tag: element for element in output}
-    for tag, element in before.items():
-        name = element.keyword or str(tag)
+    for tag, was in before.items():
+        name = keyword_for_tag(tag) or str(BaseTag(tag))
         if tag not in after:
             done["removed"].append(name)
-        elif after[tag].value in (None, "", b"") and element.value not in (None, "", b""):
-            done["emptied"].append(name)
-        elif after[tag].value != element.value:
-            done["replaced"].append(name)
-        else:
+        elif after[tag] == was:
             done["kept"].append(name)
-    done["added"] = [e.keyword or str(t) for t, e in after.items() if t not in before]
+        elif _empty(after[tag]) and not _empty(was):
+            done["emptied"].append(name)
+        else:
+            done["replaced"].append(name)
+    done["added"] = [keyword_for_tag(t) or str(BaseTag(t)) for t in after if t not in before]
     return done
+
+
+def _top_level(path: Path) -> dict[int, Any]:
+    """Each top-level element of the file: its bytes as read (its value once decoded),
+    the pixel data as the rest of the file after the header."""
+    with path.open("rb") as handle:
+        ds = pydicom.dcmread(handle, stop_before_pixels=True, force=True)
+        found: dict[int, Any] = {
+            int(tag): element.value if element.is_raw else ds[tag].value
+            for tag, element in ds._dict.items()
+        }
+        pixels = handle.read()
+    if pixels:
+        group, number = struct.unpack_from("<HH", pixels)
+        found[(group << 16) | number] = pixels
+    return found
+
+
+def _empty(value: Any) -> bool:
+    if isinstance(value, bytes):
+        return not value.strip(b" \x00")
+    return value in (None, "", b"")
 
 
 def _seed(home: DataHome, sandbox: DataHome, protocol_id: str, subject_id: str) -> None:

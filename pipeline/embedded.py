@@ -187,12 +187,16 @@ class Components:
         _kill_sessions(sessions)
         self.pidfile.unlink()
 
-    def start(self, name: str, args: list[str]) -> None:
+    def start(self, name: str, args: list[str], preload: bool = False) -> None:
+        """Start component ``name`` (``airflow ARGS``); with ``preload``, with the tasks'
+        modules already imported (:mod:`pipeline.preload`), for a component whose task
+        processes are forked from it."""
         import psutil
 
+        command = [sys.executable, "-m", "pipeline.preload"] if preload else [self.program]
         with open(self.logs / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
-                [self.program, *args],
+                [*command, *args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -362,7 +366,7 @@ def run_dags(
                 "1",
             ],
         )
-        stack.start("scheduler", ["scheduler", "--skip-serve-logs"])
+        stack.start("scheduler", ["scheduler", "--skip-serve-logs"], preload=True)
         _serialize_dags()
         deadline = time.monotonic() + 180
         dag_ids = sorted({dag_id for dag_id, _, _ in wanted})

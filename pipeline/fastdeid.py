@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from typing import Any
 
@@ -31,10 +32,12 @@ from deid.config import DeidRecipe
 from deid.dicom.fields import DicomField
 from deid.dicom.tags import get_tag
 from deid.utils.actions import parse_value
-from pydicom.datadict import DicomDictionary
+from pydicom.datadict import DicomDictionary, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
+
+from pipeline.dicomio import element_vr
 
 _SUPPORTED = {"REMOVE", "BLANK", "REPLACE", "ADD", "KEEP"}
 _PLAIN = re.compile(r"^[A-Za-z0-9]+$|^\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)$")
@@ -46,13 +49,20 @@ def _deid_config() -> dict[str, Any]:
 
 @dataclass(eq=False)
 class _Field:
-    element: DataElement
+    """One element deid would see, by where it is; its value is decoded only when an
+    action needs it (most elements are named by no action and stay as read)."""
+
+    tag: BaseTag
     name: str
     uid: str
     is_filemeta: bool
     parent: Dataset
     children: list[_Field] = field(default_factory=list)
     alive: bool = True
+
+    @property
+    def element(self) -> DataElement:
+        return self.parent[self.tag]
 
     def kill(self) -> None:
         self.alive = False
@@ -94,6 +104,13 @@ class CompiledRecipe:
             if entry[2].lower() in wanted:
                 self.named.setdefault(tag, set()).add(entry[2].lower())
         self.protected = [a.field.lower() for a in self.actions if a.action == "REPLACE"]
+        # Each field's actions by position, so a file runs only the actions naming one of
+        # its elements (and every ADD), still in recipe order.
+        self._by_field: dict[str, list[int]] = {}
+        for position, action in enumerate(self.actions):
+            if action.action not in ("ADD", "KEEP"):
+                self._by_field.setdefault(action.field.lower(), []).append(position)
+        self._adds = [n for n, a in enumerate(self.actions) if a.action == "ADD"]
         self.added: dict[str, dict[str, Any] | None] = {}
         for action in self.actions:
             if action.action == "ADD":
@@ -102,34 +119,33 @@ class CompiledRecipe:
                 if not found:
                     self.supported = False
 
-    def _keys(self, element: DataElement) -> frozenset[str]:
-        """The recipe fields naming ``element`` by a spelling deid's exact match accepts:
-        keyword, tag, bare tag or dictionary name (``named``). A nested element's name
-        and uid hold "__", which no plain field can, so only these spellings can match,
-        and they depend on the tag alone."""
-        tag = element.tag
-        keys = self._matches.get(tag)
+    def _keys(self, tag: BaseTag) -> frozenset[str]:
+        """The recipe fields naming the element ``tag`` by a spelling deid's exact match
+        accepts: keyword, tag, bare tag or dictionary name (``named``). A nested element's
+        name and uid hold "__", which no plain field can, so only these spellings can
+        match, and they depend on the tag alone."""
+        number = int(tag)  # an int key: BaseTag compares in Python, slowly
+        keys = self._matches.get(number)
         if keys is None:
-            text = str(tag).lower()
-            spelled = {element.keyword.lower(), text, text[1:5] + text[6:10]}
-            spelled |= self.named.get(int(tag), set())
-            keys = self._matches[tag] = frozenset(spelled & self.wanted)
+            text = _tag_text(number).lower()
+            spelled = {_keyword(number).lower(), text, text[1:5] + text[6:10]}
+            spelled |= self.named.get(number, set())
+            keys = self._matches[number] = frozenset((spelled - {""}) & self.wanted)
         return keys
 
     def apply(self, ds: Dataset, lookup: dict[str, Any]) -> None:
         """Run the recipe on ``ds`` in place, ``lookup`` holding deid's vars and funcs."""
-        skip = self.skip | self._kept_tags(ds)
-        fields = self._fields(ds, skip)
+        fields = self._fields(ds, self._kept_tags(ds))
         index: dict[str, list[_Field]] = {}
         for item in fields.values():
-            for key in self._keys(item.element):
+            for key in self._keys(item.tag):
                 index.setdefault(key, []).append(item)
         protected = {id(f) for name in self.protected for f in index.get(name, [])}
-        for action in self.actions:
+        positions = {n for key in index for n in self._by_field.get(key, ())}
+        for position in sorted(positions.union(self._adds)):
+            action = self.actions[position]
             if action.action == "ADD":
                 self._add(ds, action, lookup, fields, index)
-                continue
-            if action.action == "KEEP":
                 continue
             targets = [f for f in index.get(action.field.lower(), []) if f.alive]
             for target in targets:
@@ -145,18 +161,18 @@ class CompiledRecipe:
                     if value is not None:
                         target.element.value = value
                 elif action.action == "BLANK":
-                    if target.element.tag in target.parent:
-                        target.parent[target.element.tag].value = None
+                    if target.tag in target.parent:
+                        target.parent[target.tag].value = None
                         for child in target.children:
                             child.kill()
                 elif action.action == "REMOVE":
                     if id(target) in protected:  # deid replaces what a REPLACE names
                         continue
-                    if target.element.tag in target.parent:
-                        del target.parent[target.element.tag]
+                    if target.tag in target.parent:
+                        del target.parent[target.tag]
                         target.kill()
 
-    def _kept_tags(self, ds: Dataset) -> frozenset[str]:
+    def _kept_tags(self, ds: Dataset) -> frozenset[int]:
         """Tags of top-level elements a KEEP names: deid skips that tag at every depth."""
         if not self.kept:
             return frozenset()
@@ -164,14 +180,16 @@ class CompiledRecipe:
         for dataset in (ds, getattr(ds, "file_meta", None)):
             if not dataset:
                 continue
-            for element in dataset:
-                if self._keys(element) & self.kept:
-                    kept.add(str(element.tag))
+            for tag in dataset._dict:
+                if self._keys(tag) & self.kept:
+                    kept.add(int(tag))
         # Nested matches count too when the same tag also appears at the top level; deid
         # compares the skip list with each element's bare tag, so only top-level uids bite.
         return frozenset(kept)
 
-    def _fields(self, ds: Dataset, skip: frozenset[str]) -> dict[str, _Field]:
+    def _fields(self, ds: Dataset, kept: frozenset[int]) -> dict[str, _Field]:
+        """The fields an action names, and every sequence (whose removal takes its items'
+        fields with it), in deid's order: the dataset, the file meta, then items."""
         fields: dict[str, _Field] = {}
         queue: list[tuple[Dataset, str | None, str | None, bool, _Field | None]] = [
             (ds, None, None, False, None)
@@ -181,19 +199,23 @@ class CompiledRecipe:
             queue.append((meta, None, None, True, None))
         while queue:
             dataset, prefix, parent_uid, is_meta, owner = queue.pop(0)
-            for element in dataset:
-                if element.keyword in skip or str(element.tag) in skip:
+            for tag in list(dataset._dict):
+                keyword = _keyword(tag)
+                if keyword in self.skip or tag in kept:
                     continue
-                name = element.keyword if prefix is None else f"{prefix}__{element.keyword}"
-                uid = str(element.tag) if parent_uid is None else f"{parent_uid}__{element.tag}"
+                sequence = element_vr(dataset, tag) == "SQ"
+                if not sequence and not self._keys(tag):
+                    continue
+                name = keyword if prefix is None else f"{prefix}__{keyword}"
+                uid = _tag_text(tag) if parent_uid is None else f"{parent_uid}__{_tag_text(tag)}"
                 if uid in fields:
                     continue
-                item = _Field(element, name, uid, is_meta, dataset)
+                item = _Field(tag, name, uid, is_meta, dataset)
                 fields[uid] = item
                 if owner is not None:
                     owner.children.append(item)
-                if isinstance(element.value, Sequence):
-                    for number, child in enumerate(element.value):
+                if sequence:
+                    for number, child in enumerate(dataset[tag].value or ()):
                         if isinstance(child, Dataset):
                             queue.append((child, name, f"{uid}__{number}", is_meta, item))
         # Items queued under an owner report to it, so removing a sequence removes them.
@@ -212,7 +234,7 @@ class CompiledRecipe:
             return
         tag = self.added[action.field]
         assert tag is not None  # unsupported recipes never get here
-        uid = str(tag["tag"])
+        uid = _tag_text(BaseTag(tag["tag"]))
         existing = fields.get(uid)
         if existing is not None and existing.alive:
             existing.element.value = value
@@ -221,7 +243,18 @@ class CompiledRecipe:
         is_meta = uid.startswith("(0002")
         target = ds.file_meta if is_meta else ds
         target[element.tag] = element
-        item = _Field(element, action.field, uid, is_meta, target)
+        item = _Field(element.tag, action.field, uid, is_meta, target)
         fields[uid] = item
-        for key in self._keys(element):
+        for key in self._keys(element.tag):
             index.setdefault(key, []).append(item)
+
+
+@lru_cache(maxsize=4096)
+def _tag_text(tag: int) -> str:
+    """A tag as deid spells it in field uids: "(0010,0010)"."""
+    return str(BaseTag(tag))
+
+
+@lru_cache(maxsize=4096)
+def _keyword(tag: int) -> str:
+    return keyword_for_tag(tag)

@@ -105,12 +105,15 @@ def stage_batch(
     paths: list[Path],
     uploader: str | None = None,
     check: bool = True,
+    link: bool = False,
 ) -> str:
     """Copy ``paths`` (files or folders) into a new inbox batch; return its batch ID.
 
     With ``check`` (the client's behaviour) the upload is refused when the protocol, site,
     visit or enrollment is wrong. ``check=False`` models a batch that reached the inbox by
-    another route (a drop folder), which the DAG must then judge on its own.
+    another route (a drop folder), which the DAG must then judge on its own. ``link``
+    hard-links the files instead where it can (the dry run: its throw-away inbox is never
+    written in place, and an upload must be a copy the site cannot change afterwards).
     """
     if check:
         check_upload(home, protocol_id, site_id, subject_id, visit)
@@ -126,7 +129,8 @@ def stage_batch(
         name = _unique(relative, used)
         target = folder / FILES / name
         if store.is_local(target):
-            atomic.copy_file(source, Path(target), durable=False)
+            place = atomic.link_or_copy if link else atomic.copy_file
+            place(source, Path(target), durable=False)
             written = Path(target)
         else:
             store.put_file(source, target)  # one upload, whole or not at all

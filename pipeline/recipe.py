@@ -10,6 +10,7 @@ is not what a reviewer reading "the protocol overrides the base" expects.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -43,7 +44,7 @@ class ComposedRecipe:
     actions: tuple[HeaderAction, ...]
     digest: str
 
-    @property
+    @functools.cached_property
     def kept(self) -> frozenset[str]:
         """Attributes whose values the composed recipe keeps on purpose (KEEP, or kept and
         cleaned of the subject's identifying values): their own values are not PHI."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 
+from pipeline.dicomio import attribute_texts
 from pipeline.reasons import Disposition
 from pipeline.worklist import Worklist
 
@@ -52,7 +53,8 @@ def _int(value: Any) -> int | None:
 
 
 def _date(value: Any) -> dt.date | None:
-    text = str(value or "").strip()
+    values = _values(value)
+    text = str(values[0] if values else "").strip()
     try:
         return dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
     except ValueError:
@@ -64,58 +66,60 @@ def _text(value: Any) -> str | None:
     return text or None
 
 
-def instance_row(ds: Dataset, anchor: dt.date) -> dict[str, Any]:
-    """The per-image columns of the instances table, from a de-identified dataset."""
-    study_date = _date(ds.get("StudyDate"))
+def instance_row(ds: Dataset, anchor: dt.date, has_pixels: bool) -> dict[str, Any]:
+    """The per-image columns of the instances table, from a de-identified dataset whose
+    file ``has_pixels`` (they may be kept apart from ``ds``: see
+    :func:`pipeline.dicomio.read_upload`)."""
+    get = attribute_texts(ds)
+    study_date = _date(get("StudyDate"))
     meta = getattr(ds, "file_meta", None)
     return {
-        "study_uid": str(ds.get("StudyInstanceUID", "")),
-        "series_uid": str(ds.get("SeriesInstanceUID", "")),
-        "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
-        "sop_class_uid": _text(ds.get("SOPClassUID")),
+        "study_uid": "".join(get("StudyInstanceUID")[:1]),
+        "series_uid": "".join(get("SeriesInstanceUID")[:1]),
+        "sop_instance_uid": "".join(get("SOPInstanceUID")[:1]),
+        "sop_class_uid": _text(get("SOPClassUID")),
         "transfer_syntax_uid": _text(meta.get("TransferSyntaxUID")) if meta else None,
-        "modality": _text(ds.get("Modality")),
-        "body_part": _text(ds.get("BodyPartExamined")),
+        "modality": _text(get("Modality")),
+        "body_part": _text(get("BodyPartExamined")),
         "study_date": study_date,
-        "series_date": _date(ds.get("SeriesDate")),
+        "series_date": _date(get("SeriesDate")),
         "study_day": (study_date - anchor).days if study_date else None,
-        "series_number": _int(ds.get("SeriesNumber")),
-        "instance_number": _int(ds.get("InstanceNumber")),
-        "manufacturer": _text(ds.get("Manufacturer")),
-        "model": _text(ds.get("ManufacturerModelName")),
-        "rows": _int(ds.get("Rows")),
-        "columns": _int(ds.get("Columns")),
-        "frames": _int(ds.get("NumberOfFrames")) or (1 if "PixelData" in ds else None),
-        "bits_allocated": _int(ds.get("BitsAllocated")),
-        "pixel_spacing_row_mm": _float(ds.get("PixelSpacing"), 0),
-        "pixel_spacing_col_mm": _float(ds.get("PixelSpacing"), 1),
-        "slice_thickness_mm": _float(ds.get("SliceThickness")),
-        "spacing_between_slices_mm": _float(ds.get("SpacingBetweenSlices")),
-        "kvp": _float(ds.get("KVP")),
-        "exposure_mas": _float(ds.get("Exposure")),
-        "tube_current_ma": _float(ds.get("XRayTubeCurrent")),
-        "convolution_kernel": _text(ds.get("ConvolutionKernel")),
-        "magnetic_field_strength_t": _float(ds.get("MagneticFieldStrength")),
-        "repetition_time_ms": _float(ds.get("RepetitionTime")),
-        "echo_time_ms": _float(ds.get("EchoTime")),
-        "flip_angle_deg": _float(ds.get("FlipAngle")),
-        "image_position_mm": _floats(ds.get("ImagePositionPatient")),
-        "image_orientation": _floats(ds.get("ImageOrientationPatient")),
-        "slice_location_mm": _float(ds.get("SliceLocation")),
+        "series_number": _int(get("SeriesNumber")),
+        "instance_number": _int(get("InstanceNumber")),
+        "manufacturer": _text(get("Manufacturer")),
+        "model": _text(get("ManufacturerModelName")),
+        "rows": _int(get("Rows")),
+        "columns": _int(get("Columns")),
+        "frames": _int(get("NumberOfFrames")) or (1 if has_pixels else None),
+        "bits_allocated": _int(get("BitsAllocated")),
+        "pixel_spacing_row_mm": _float(get("PixelSpacing"), 0),
+        "pixel_spacing_col_mm": _float(get("PixelSpacing"), 1),
+        "slice_thickness_mm": _float(get("SliceThickness")),
+        "spacing_between_slices_mm": _float(get("SpacingBetweenSlices")),
+        "kvp": _float(get("KVP")),
+        "exposure_mas": _float(get("Exposure")),
+        "tube_current_ma": _float(get("XRayTubeCurrent")),
+        "convolution_kernel": _text(get("ConvolutionKernel")),
+        "magnetic_field_strength_t": _float(get("MagneticFieldStrength")),
+        "repetition_time_ms": _float(get("RepetitionTime")),
+        "echo_time_ms": _float(get("EchoTime")),
+        "flip_angle_deg": _float(get("FlipAngle")),
+        "image_position_mm": _floats(get("ImagePositionPatient")),
+        "image_orientation": _floats(get("ImageOrientationPatient")),
+        "slice_location_mm": _float(get("SliceLocation")),
     }
 
 
 def tag_values(ds: Dataset, keywords: frozenset[str]) -> dict[str, Any]:
     """The values of ``keywords`` present in ``ds``, as JSON text (a list for a multi-valued
-    attribute): what validation compares, kept in the worklist between tasks."""
+    attribute; None for an empty one): what validation compares, kept in the worklist
+    between tasks."""
+    get = attribute_texts(ds)
     found: dict[str, Any] = {}
     for keyword in sorted(keywords):
         if keyword in ds:
-            value = ds[keyword].value
-            multiple = isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
-            found[keyword] = (
-                None if value is None else [str(v) for v in value] if multiple else str(value)
-            )
+            values = get(keyword)
+            found[keyword] = None if not values else values if len(values) > 1 else values[0]
     return found
 
 

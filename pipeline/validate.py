@@ -15,9 +15,13 @@ and each batch's ``static`` is a link to it.
 from __future__ import annotations
 
 import datetime as dt
+import importlib
+import importlib.util
 import os
 import re
 import shutil
+import sys
+import types
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,52 @@ from pipeline.protocol import Protocol, TagRule
 from pipeline.reasons import Reason
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+# Modules Great Expectations imports when it is imported, for expectations and renderers
+# trialpipe never uses (distribution tests, charts): half its import time. They are
+# imported on first use instead.
+_UNUSED_AT_IMPORT = ("scipy.stats", "altair")
+
+
+class _Deferred(types.ModuleType):
+    """A module that imports itself when first used (any attribute but its spec)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_import_deferred(self.__name__), name)
+
+
+def _import_deferred(name: str) -> types.ModuleType:
+    if isinstance(sys.modules.get(name), _Deferred):
+        del sys.modules[name]
+        module = importlib.import_module(name)
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, module)
+    return sys.modules[name]
+
+
+def load() -> None:
+    """Import Great Expectations (and pandas), as :func:`check_batch` does first: a caller
+    may do it ahead, while other work runs."""
+    _defer_unused_imports()
+    import great_expectations  # noqa: F401
+    import pandas  # noqa: F401
+
+
+def _defer_unused_imports() -> None:
+    for name in _UNUSED_AT_IMPORT:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            continue
+        module = _Deferred(name)
+        module.__spec__, module.__loader__ = spec, spec.loader
+        sys.modules[name] = module
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, module)
+
 
 # A finite number as :func:`normalise` writes it (Python's float repr: no inf, no nan).
 NUMBER = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?$")
@@ -110,6 +160,7 @@ def check_batch(
     """Run the protocol's suites on metadata rows (``file_no``, ``Modality`` and the
     required keywords, raw values); return the findings. With ``docs_dir``, also render
     the results as GX Data Docs there (replacing an earlier rendering)."""
+    load()
     import great_expectations as gx
     import pandas as pd
     from great_expectations.core.run_identifier import RunIdentifier

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
-from pydicom.dataelem import DataElement
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import UID_dictionary
 
 from pipeline.annex_e import load_table
+from pipeline.dicomio import read_elements, texts, walk
+from pipeline.dicomscan import file_texts
 
 # Attributes whose values identify the patient, the visit or the people and place involved.
 IDENTIFYING_KEYWORDS = frozenset(
@@ -101,27 +104,6 @@ class IdentifyingValues:
 _UID = re.compile(r"(?<![0-9.])[0-9]+(?:\.[0-9]+){2,}(?![0-9.])")
 
 
-def _elements(ds: Dataset) -> Iterator[DataElement]:
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None:
-        yield from meta.iterall()
-    yield from ds.iterall()
-
-
-def _strings(element: DataElement) -> Iterator[str]:
-    value = element.value
-    if value is None or value == "":
-        return
-    if isinstance(value, (bytes, bytearray)):
-        return
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        for item in value:
-            if item not in (None, ""):
-                yield str(item)
-    else:
-        yield str(value)
-
-
 @lru_cache(maxsize=1)
 def identifying_uid_keywords() -> frozenset[str]:
     """UID attributes Table E.1-1 lists (instances, studies, series, frames of reference…).
@@ -138,20 +120,24 @@ def identifying_values(ds: Dataset, retained: frozenset[str] = frozenset()) -> I
     such as the station name under Retain Device Identity); their values are not searched.
     """
     found: set[str] = set()
-    for element in _elements(ds):
-        if element.VR in _SKIP_VRS or element.keyword in retained:
+    uid_keywords = identifying_uid_keywords()
+    for holder, tag, vr, codec in walk(ds):
+        if vr in _SKIP_VRS:
             continue
-        if element.tag.group == 0x0002 and element.keyword != "MediaStorageSOPInstanceUID":
+        keyword = keyword_for_tag(tag)
+        if keyword in retained:
+            continue
+        if tag >> 16 == 0x0002 and keyword != "MediaStorageSOPInstanceUID":
             continue  # the file meta names the software that wrote the file, not the patient
-        if element.VR == "PN":
-            for name in _strings(element):
+        if vr == "PN":
+            for name in texts(holder, tag, vr, codec):
                 found.add(name)
                 found.update(p for p in re.split(r"[\^= ,.]+", name) if p)
-        elif element.VR == "UI":
-            if element.keyword in identifying_uid_keywords():
-                found.update(v for v in _strings(element) if v not in UID_dictionary)
-        elif element.VR in ("DA", "DT") or element.keyword in IDENTIFYING_KEYWORDS:
-            found.update(_strings(element))
+        elif vr == "UI":
+            if keyword in uid_keywords:
+                found.update(v for v in texts(holder, tag, vr, codec) if v not in UID_dictionary)
+        elif vr in ("DA", "DT") or keyword in IDENTIFYING_KEYWORDS:
+            found.update(texts(holder, tag, vr, codec))
     values = frozenset(v.strip() for v in found if len(v.strip()) >= MIN_LENGTH)
     return IdentifyingValues(values)
 
@@ -175,16 +161,35 @@ def residual_phi(original: IdentifyingValues, output: Dataset) -> list[str]:
 
     Returns attribute keywords (or tags for private and unknown elements), never values.
     """
+    return _hits(
+        original,
+        [
+            (tag, texts(h, tag, vr, codec))
+            for h, tag, vr, codec in walk(output)
+            if tag != 0x7FE00010
+        ],
+    )
+
+
+def residual_phi_in_file(original: IdentifyingValues, path: Path) -> list[str] | None:
+    """:func:`residual_phi` of the file at ``path`` as written, read straight from its
+    bytes (pydicom parses it when the scanner cannot); None when it cannot be read."""
+    found = file_texts(path)
+    if found is not None:
+        return _hits(original, found)
+    output = read_elements(path).dataset
+    return None if output is None else residual_phi(original, output)
+
+
+def _hits(original: IdentifyingValues, found: list[tuple[int, list[str]]]) -> list[str]:
+    # One search over every value (joined by a character no value holds and no pattern
+    # can match across) answers for the clean file; only a hit is looked up per element.
+    if not original.find("\x00".join(text for _, values in found for text in values)):
+        return []
     hits: list[str] = []
-    for element in _elements(output):
-        if element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "SQ") or element.tag == 0x7FE00010:
-            continue
-        if element.VR == "UN" and isinstance(element.value, (bytes, bytearray)):
-            texts = [element.value.decode("latin-1", "replace")]
-        else:
-            texts = list(_strings(element))
-        if any(original.find(text) for text in texts):
-            name = element.keyword or str(element.tag)
+    for tag, values in found:
+        if any(original.find(text) for text in values):
+            name = keyword_for_tag(tag) or str(BaseTag(tag))
             if name not in hits:
                 hits.append(name)
     return hits

@@ -23,6 +23,8 @@ def test_the_benchmark_runs_every_contender_on_the_same_files(tmp_path):
             "0",
             "--dag-files",
             "0",
+            "--repeat",
+            "2",
             "--work",
             str(work),
             "--keep",
@@ -49,6 +51,7 @@ def test_the_benchmark_runs_every_contender_on_the_same_files(tmp_path):
         assert {r["contender"] for r in rows if r["corpus"] == corpus} == contenders
     for row in rows:
         assert row["files"] == int(row["corpus"].split()[-1]) and row["x_plain"] > 0
+        assert len(row["rounds"]) == 2
     for name in ("plain", "deid", "dicognito", "trialpipe-1", "trialpipe-2"):
         written = list((work / "out" / "CT 4" / name).glob("*.dcm"))
         assert len(written) == 4, name

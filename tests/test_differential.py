@@ -8,13 +8,14 @@ import datetime as dt
 import pytest
 
 from pipeline.deidentify import Deidentifier, Outcome, Subject, burned_in_risk
-from pipeline.dicomio import read_dicom
+from pipeline.dicomio import read_dicom, read_upload
 from pipeline.enrollment import Enrollee
 from pipeline.verify import identifying_values
 from tests.test_conformance import READABLE
 
 SUBJECT = Subject(Enrollee("DEMO-01-00004", "SITE-01", "B", dt.date(2023, 9, 4)), "WEEK24")
 STAMPED = {0x00120062, 0x00120063, 0x00120064, 0x00280301}
+PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
 
 
 def _content(ds, prefix=()):
@@ -46,6 +47,9 @@ def test_trialpipe_equals_deid_for_the_same_recipe(source, home, protocol):
     assert deidentifier.compiled.supported  # the compiled fast path is what is compared
     ours = read_dicom(source).dataset
     deidentifier.apply(ours)
+    # The deidentify task's way: the header alone parsed from memory, the pixels kept apart.
+    upload = read_upload(source.read_bytes())
+    deidentifier.apply(upload.dataset, upload.encoded)
 
     theirs = read_dicom(source).dataset
     original = identifying_values(theirs, deidentifier.composed.kept)
@@ -56,6 +60,8 @@ def test_trialpipe_equals_deid_for_the_same_recipe(source, home, protocol):
 
     assert _content(ours) == _content(parser.dicom)
     assert ours.file_meta.MediaStorageSOPInstanceUID == parser.dicom.SOPInstanceUID
+    kept_apart = {int(t) for t in PIXEL_TAGS} if upload.pixels is not None else set()
+    assert _content(upload.dataset) == {c for c in _content(parser.dicom) if c[1] not in kept_apart}
 
 
 def test_a_recipe_beyond_the_compiled_form_falls_back_to_deids_parser(tmp_path):

@@ -183,7 +183,7 @@ def test_instance_rows_take_typed_values_from_the_deidentified_header():
     ds.KVP = "120"
     ds.ImagePositionPatient = ["1", "2", "-30.5"]
     ds.ConvolutionKernel = ["B30f", "3"]
-    row = rows.instance_row(ds, dt.date(2000, 1, 1))
+    row = rows.instance_row(ds, dt.date(2000, 1, 1), "PixelData" in ds)
     assert row["study_day"] == 74
     assert (row["pixel_spacing_row_mm"], row["pixel_spacing_col_mm"]) == (0.5, 0.7)
     assert row["kvp"] == 120.0 and row["echo_time_ms"] is None
@@ -222,7 +222,7 @@ def _worklist_that_travelled(tmp_path):
     ]
     worklist = Worklist("b1", "DEMO-01", "SITE-01", "DEMO-01-01001", "BASELINE", arm="A")
     for n, ds in enumerate(datasets):
-        row = rows.instance_row(ds, dt.date(2000, 1, 1))
+        row = rows.instance_row(ds, dt.date(2000, 1, 1), "PixelData" in ds)
         entry = FileEntry(n, f"f{n}.dcm", sha256="in", size=100, sha256_out=f"out{n}")
         entry.size_out, entry.archive_path = 120, f"DEMO-01/A/x/{n}.dcm"
         entry.sop_uid, entry.series_uid = row["sop_instance_uid"], row["series_uid"]

@@ -138,3 +138,27 @@ def test_a_batch_id_that_reads_like_a_date_and_time_zone_validates(protocol, tmp
     rows = [{"file_no": 0, "Modality": "CT"}]  # CT has rules: the suite runs
     findings = check_batch(protocol, rows, tmp_path / "docs", run_name="20261125T145720-9619ad0a")
     assert {f.reason for f in findings} == {Reason.MISSING_REQUIRED_TAG}
+
+
+def test_validation_imports_no_distribution_tests_or_charts_until_they_are_used(tmp_path):
+    """GX imports scipy.stats and altair for expectations trialpipe never runs; they are
+    deferred (half of GX's import time) and still import on first use."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from pathlib import Path
+from pipeline.protocol import load_protocol
+from pipeline.validate import check_batch
+rows = [{{"file_no": 0, "Modality": "CT", "SliceThickness": "x"}}]
+findings = check_batch(load_protocol("DEMO-01"), rows, Path({str(tmp_path / "docs")!r}))
+assert findings, "the suite ran and found the bad row"
+loaded = [m for m in ("scipy.stats._stats_py", "altair.vegalite") if m in sys.modules]
+import scipy.stats
+print(loaded, round(float(scipy.stats.norm.cdf(0)), 2), type(sys.modules["scipy.stats"]).__name__)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["[]", "0.5", "module"]

@@ -61,3 +61,120 @@ def test_retained_attributes_are_not_searched():
 def test_identifying_values_of_a_real_scanner_file_include_its_patient():
     ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     assert str(ct.PatientID) in identifying_values(ct).values
+
+
+def _decoded_strings(element):
+    value = element.value
+    if value is None or value == "" or isinstance(value, (bytes, bytearray)):
+        return []
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [str(v) for v in value if v not in (None, "")]
+    return [str(value)]
+
+
+def _elements_as_pydicom_decodes_them(ds):
+    meta = getattr(ds, "file_meta", None)
+    yield from (meta.iterall() if meta is not None else ())
+    yield from ds.iterall()
+
+
+def _reference_values(ds):
+    """identifying_values as first written: every element decoded by pydicom."""
+    import re
+
+    from pydicom.uid import UID_dictionary
+
+    from pipeline.verify import IDENTIFYING_KEYWORDS, MIN_LENGTH, identifying_uid_keywords
+
+    found = set()
+    for element in _elements_as_pydicom_decodes_them(ds):
+        if element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "SQ", "UN"):
+            continue
+        if element.tag.group == 0x0002 and element.keyword != "MediaStorageSOPInstanceUID":
+            continue
+        if element.VR == "PN":
+            for name in _decoded_strings(element):
+                found.add(name)
+                found.update(p for p in re.split(r"[\^= ,.]+", name) if p)
+        elif element.VR == "UI":
+            if element.keyword in identifying_uid_keywords():
+                found.update(v for v in _decoded_strings(element) if v not in UID_dictionary)
+        elif element.VR in ("DA", "DT") or element.keyword in IDENTIFYING_KEYWORDS:
+            found.update(_decoded_strings(element))
+    return frozenset(v.strip() for v in found if len(v.strip()) >= MIN_LENGTH)
+
+
+def _reference_hits(original, output):
+    hits = set()
+    for element in _elements_as_pydicom_decodes_them(output):
+        if element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "SQ") or element.tag == 0x7FE00010:
+            continue
+        if element.VR == "UN" and isinstance(element.value, (bytes, bytearray)):
+            texts = [element.value.decode("latin-1", "replace")]
+        else:
+            texts = _decoded_strings(element)
+        if any(original.find(text) for text in texts):
+            hits.add(element.keyword or str(element.tag))
+    return hits
+
+
+def test_values_read_from_the_bytes_as_read_are_those_pydicom_decodes():
+    """identifying_values and residual_phi decode only what they need, from the bytes read;
+    over every file pydicom ships they find exactly what decoding every element finds."""
+    from pipeline.dicomio import read_dicom
+    from tests.corpus import corpus_files
+
+    compared = 0
+    for path in corpus_files():
+        ours, reference = read_dicom(path).dataset, read_dicom(path).dataset
+        if ours is None:
+            continue
+        values = identifying_values(ours)
+        assert values.values == _reference_values(reference), path.name
+        hits = residual_phi(values, ours)
+        assert set(hits) == _reference_hits(values, reference), path.name
+        assert len(hits) == len(set(hits))
+        compared += 1
+    assert compared > 150
+
+
+def _pydicom_texts(path):
+    from pipeline.dicomio import read_elements, texts, walk
+
+    ds = read_elements(path).dataset
+    return [(int(t), texts(h, t, vr, codec)) for h, t, vr, codec in walk(ds) if t != 0x7FE00010]
+
+
+def test_the_scanner_reads_every_value_as_pydicom_decodes_it(tmp_path, home, protocol):
+    """The verify task reads each file with dicomscan; over every file pydicom ships, and
+    over each of them as trialpipe writes it de-identified, the scanner yields exactly the
+    values pydicom decodes, or leaves the file to pydicom."""
+    import datetime as dt
+
+    from pipeline.deidentify import DeidentificationError, Deidentifier, Subject, burned_in_risk
+    from pipeline.dicomio import read_upload, write_dicom
+    from pipeline.dicomscan import file_texts
+    from pipeline.enrollment import Enrollee
+    from tests.corpus import corpus_files
+
+    subject = Subject(Enrollee("DEMO-01-00004", "SITE-01", "B", dt.date(2023, 9, 4)), "WEEK24")
+    deidentifier = Deidentifier(home, protocol, subject)
+    scanned = written = 0
+    for number, path in enumerate(corpus_files()):
+        candidates = [path]
+        upload = read_upload(path.read_bytes())
+        if upload.dataset is not None and not burned_in_risk(upload.dataset):
+            try:
+                deidentifier.apply(upload.dataset, upload.encoded)
+                output = tmp_path / f"{number}.dcm"
+                write_dicom(upload.dataset, output, upload.pixels)
+                candidates.append(output)
+                written += 1
+            except (DeidentificationError, TypeError, ValueError, AttributeError, KeyError):
+                pass
+        for candidate in candidates:
+            found = file_texts(candidate)
+            if found is not None:
+                assert found == _pydicom_texts(candidate), candidate.name
+                scanned += 1
+    assert written >= 70 and scanned > 150

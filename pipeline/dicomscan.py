@@ -1,0 +1,195 @@
+"""Every element's values as text, read straight from a file's bytes.
+
+The residual-PHI check reads each de-identified file as written. Parsing it with pydicom
+builds a dataset and decodes each value into a typed object, which costs more than the
+check itself; this scanner walks the bytes once (file meta, dataset, sequence items at any
+depth, anything after the pixel data) and decodes text as pydicom decodes it. It covers the
+encodings trialpipe writes: little endian, explicit or implicit VR, not deflated, text in a
+single character set. For anything else it answers None and the caller uses pydicom.
+tests/test_verify.py holds its answers to pydicom's over every file pydicom ships.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+_LONG = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN"})
+_LONG |= {b"UR", b"UT", b"UV"}
+_BINARY = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
+_NUMBERS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "UV": "Q"}
+_NUMBERS |= {"SV": "q"}
+_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+_PIXELS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_CHARSET_TAG = 0x00080005
+
+
+class _Unsupported(Exception):
+    """The file uses an encoding this scanner leaves to pydicom."""
+
+
+def file_texts(path: Path) -> list[tuple[int, list[str]]] | None:
+    """(tag, values as text) of every element of the file at ``path`` but the pixel data
+    (never decoded), in file order; None when pydicom must read the file."""
+    with path.open("rb") as handle:
+        if path.stat().st_size < 132:
+            return None
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                return _scan_file(data)
+            except (_Unsupported, struct.error, UnicodeDecodeError, IndexError, ValueError):
+                return None
+
+
+def _scan_file(data: mmap.mmap) -> list[tuple[int, list[str]]]:
+    if data[128:132] != b"DICM":
+        raise _Unsupported
+    found: list[tuple[int, list[str]]] = []
+    position, syntax = 132, None
+    while position + 8 <= len(data):  # the file meta: explicit VR little endian, group 2
+        (group,) = struct.unpack_from("<H", data, position)
+        if group != 0x0002:
+            break
+        tag, vr, length, position = _header(data, position, implicit=False)
+        value = data[position : position + length]
+        found.append((tag, _texts(vr, value, "latin-1")))
+        if tag == 0x00020010:
+            syntax = value.decode("latin-1").rstrip("\x00 ")
+        position += length
+    uid = UID(syntax or "")
+    if not uid.is_transfer_syntax or uid == DeflatedExplicitVRLittleEndian:
+        raise _Unsupported
+    if not uid.is_little_endian:
+        raise _Unsupported  # big endian: pydicom's job
+    implicit = uid.is_implicit_VR
+    _scan(data, position, len(data), implicit, "latin-1", found)
+    return found
+
+
+def _scan(
+    data: mmap.mmap,
+    position: int,
+    end: int,
+    implicit: bool,
+    codec: str,
+    found: list[tuple[int, list[str]]],
+) -> int:
+    """Scan elements from ``position`` to ``end`` (or an item delimiter); return where the
+    scan stopped."""
+    while position + 8 <= end:
+        tag, vr, length, position = _header(data, position, implicit)
+        if tag == _ITEM_END:
+            return position
+        if tag == _SEQUENCE_END:
+            raise _Unsupported  # a delimiter out of place
+        if vr == "SQ":
+            position = _items(data, position, length, end, implicit, codec, found)
+            continue
+        if tag in _PIXELS:
+            position = _skip_pixels(data, position, length)
+            continue
+        if length == _UNDEFINED or position + length > end or vr == "UN":
+            raise _Unsupported  # UN: pydicom may know the VR (and even find a sequence)
+        value = data[position : position + length]
+        position += length
+        if tag == _CHARSET_TAG:
+            codec = _codec(value.decode("latin-1"))
+        found.append((tag, _texts(vr, value, codec)))
+    return position
+
+
+def _items(
+    data: mmap.mmap,
+    position: int,
+    length: int,
+    end: int,
+    implicit: bool,
+    codec: str,
+    found: list[tuple[int, list[str]]],
+) -> int:
+    """Scan a sequence's items; return the position after the sequence."""
+    stop = end if length == _UNDEFINED else position + length
+    while position + 8 <= stop:
+        group, element, item_length = struct.unpack_from("<HHL", data, position)
+        tag_value = (group << 16) | element
+        position += 8
+        if tag_value == _SEQUENCE_END:
+            return position
+        if tag_value != _ITEM:
+            raise _Unsupported
+        item_end = stop if item_length == _UNDEFINED else position + item_length
+        position = _scan(data, position, item_end, implicit, codec, found)
+    if length == _UNDEFINED:
+        raise _Unsupported  # no sequence delimiter before the end
+    return stop
+
+
+def _skip_pixels(data: mmap.mmap, position: int, length: int) -> int:
+    if length != _UNDEFINED:
+        return position + length
+    while position + 8 <= len(data):  # encapsulated: fragments up to the delimiter
+        group, element, fragment = struct.unpack_from("<HHL", data, position)
+        position += 8
+        if (group << 16) | element == _SEQUENCE_END:
+            return position
+        position += fragment
+    raise _Unsupported
+
+
+def _header(data: mmap.mmap, position: int, implicit: bool) -> tuple[int, str, int, int]:
+    group, element = struct.unpack_from("<HH", data, position)
+    tag = (group << 16) | element
+    if group == 0xFFFE:  # item and delimiter tags carry no VR
+        (length,) = struct.unpack_from("<L", data, position + 4)
+        return tag, "", length, position + 8
+    if implicit:
+        (length,) = struct.unpack_from("<L", data, position + 4)
+        return tag, _implicit_vr(tag), length, position + 8
+    vr = bytes(data[position + 4 : position + 6])
+    if vr in _LONG:
+        (length,) = struct.unpack_from("<L", data, position + 8)
+        return tag, vr.decode(), length, position + 12
+    (length,) = struct.unpack_from("<H", data, position + 6)
+    return tag, vr.decode("latin-1"), length, position + 8
+
+
+@lru_cache(maxsize=4096)
+def _implicit_vr(tag: int) -> str:
+    if tag >> 16 & 1 or not dictionary_has_tag(tag):
+        raise _Unsupported  # a private or unknown element: its VR is pydicom's guess
+    vr = dictionary_VR(tag)
+    if " or " in vr:
+        raise _Unsupported  # ambiguous (US or SS...): pydicom resolves it from context
+    return vr
+
+
+@lru_cache(maxsize=64)
+def _codec(value: str) -> str:
+    encodings = convert_encodings([v.strip() for v in value.split("\\")] or [""])
+    if len(encodings) != 1:
+        raise _Unsupported  # ISO 2022 code extensions: pydicom decodes them
+    return encodings[0]
+
+
+def _texts(vr: str, value: bytes, codec: str) -> list[str]:
+    if not value or vr in _BINARY:
+        return []
+    if vr in _NUMBERS:
+        size = struct.calcsize("<" + _NUMBERS[vr])
+        numbers = struct.unpack(
+            f"<{len(value) // size}{_NUMBERS[vr]}", value[: len(value) // size * size]
+        )
+        return [str(n) for n in numbers]
+    if vr == "AT":
+        pairs = struct.unpack(f"<{len(value) // 2}H", value[: len(value) // 4 * 4])
+        return [f"({pairs[i]:04X},{pairs[i + 1]:04X})" for i in range(0, len(pairs), 2)]
+    text = value.decode(codec if vr in _CHARSET_VRS else "latin-1", "replace")
+    return [v for v in (part.rstrip("\x00 ") for part in text.split("\\")) if v]
