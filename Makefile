@@ -32,9 +32,9 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
-# Throughput of every contender on the same generated files, ratios to plain pydicom I/O
-# (several minutes); writes docs/benchmarks.md. BENCH_ARGS="--ct 200 --dag-files 400" for a
-# quick look.
+# Throughput of every contender on the same generated files, ratios to plain pydicom I/O,
+# in 3 rounds (about half an hour); writes docs/benchmarks.md.
+# BENCH_ARGS="--ct 200 --mr 0 --small 0 --dag-files 400 --repeat 1" for a quick look.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --out docs/benchmarks.md $(BENCH_ARGS)
 
