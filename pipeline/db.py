@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy.exc import DBAPIError
 
 
 @lru_cache(maxsize=8)
@@ -36,6 +38,29 @@ def ready(url: str, metadata: MetaData) -> Engine:
     eng = engine(url)
     key = (url, id(metadata))
     if key not in _created:
-        metadata.create_all(eng, checkfirst=True)
+        _create_tables(eng, metadata)
         _created.add(key)
     return eng
+
+
+def _create_tables(eng: Engine, metadata: MetaData, attempts: int = 5) -> None:
+    """Create the tables that do not exist yet. Several processes starting on a new
+    database at once all see a table missing and all create it. On PostgreSQL they take
+    turns under an advisory lock (its DDL is transactional; a concurrent CREATE OR REPLACE
+    FUNCTION would fail); elsewhere the losers are told a table exists and look again."""
+    if eng.dialect.name == "postgresql":
+        with eng.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _DDL_LOCK})
+            metadata.create_all(conn, checkfirst=True)
+        return
+    for attempt in range(attempts):
+        try:
+            metadata.create_all(eng, checkfirst=True)
+            return
+        except DBAPIError as error:
+            if "already exists" not in str(error.orig).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+_DDL_LOCK = int.from_bytes(b"trialddl", "big") >> 1  # any key, the same in every process

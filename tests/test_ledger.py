@@ -203,3 +203,44 @@ def test_audit_prints_the_trail_of_a_batch(capsys, enrolled, trial):
     assert [e["state"] for e in trail["events"]] == ["ready", "processing", "done"]
     assert main(["--home", str(enrolled.root), "audit", "nope"]) == 2
     assert "no batch nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_processes_starting_on_a_new_ledger_at_once_all_find_it_ready(tmp_path, database):
+    """The first tasks of a new deployment start together: each sees the tables missing
+    and creates them; every one must go on, with the append-only triggers in place."""
+    import os
+    import subprocess
+    import sys
+
+    name = f"trialpipe_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(f"{POSTGRES}/postgres", isolation_level="AUTOCOMMIT")
+    url = f"sqlite:///{tmp_path / 'home' / 'ledger.sqlite'}"
+    if database == "postgresql":
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = f"{POSTGRES}/{name}"
+    env = {**os.environ, "TRIALPIPE_HOME": str(tmp_path / "home"), "TRIALPIPE_LEDGER_URL": url}
+    script = "from pipeline import ledger; from pipeline.home import data_home; "
+    script += "print(ledger.batch_rows(data_home()))"
+    try:
+        starts = [
+            subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
+            for _ in range(6)
+        ]
+        failures = [p.stderr.read() for p in starts if p.wait(timeout=120) != 0]
+        assert failures == []
+        home = DataHome(tmp_path / "home", url)
+        ledger.register_batch(home, "b1", "DEMO-01", "SITE-01", files=1)
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect() as conn, pytest.raises(sqlalchemy.exc.DBAPIError):
+            conn.execute(text("UPDATE batches SET files = 2"))
+        engine.dispose()
+        from pipeline import db
+
+        db.engine(url).dispose()
+    finally:
+        if database == "postgresql":
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
