@@ -81,14 +81,7 @@ def _upload(home: Path, corpus: Corpus, folder: Path) -> str:
             "--home",
             str(home),
             "upload",
-            "--protocol",
-            "DEMO-01",
-            "--site",
-            corpus.site_id,
-            "--subject",
-            corpus.subject_id,
-            "--visit",
-            corpus.visit,
+            *_batch_args(corpus),
             str(folder),
         ],
         check=True,
@@ -96,6 +89,20 @@ def _upload(home: Path, corpus: Corpus, folder: Path) -> str:
         text=True,
     )
     return out.stdout.strip().splitlines()[-1]
+
+
+def _batch_args(corpus: Corpus) -> list[str]:
+    """The options naming the corpus's batch: protocol, site, subject and visit."""
+    return [
+        "--protocol",
+        "DEMO-01",
+        "--site",
+        corpus.site_id,
+        "--subject",
+        corpus.subject_id,
+        "--visit",
+        corpus.visit,
+    ]
 
 
 def _composed_recipe(work: Path) -> Path:
@@ -154,14 +161,7 @@ def _contenders(work: Path, corpus: Corpus, label: str, folder: Path, recipe: Pa
                 "--home",
                 str(home),
                 "deid",
-                "--protocol",
-                "DEMO-01",
-                "--site",
-                corpus.site_id,
-                "--subject",
-                corpus.subject_id,
-                "--visit",
-                corpus.visit,
+                *_batch_args(corpus),
                 str(folder),
                 str(_fresh(out / f"trialpipe-{processes}")),
             ]
