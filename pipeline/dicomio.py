@@ -39,6 +39,18 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
+from pipeline.dicomscan import (
+    BINARY_VRS,
+    CHARSET_VRS,
+    NUMBER_FORMATS,
+    PIXEL_TAGS,
+    STRING_VRS,
+    UNDEFINED_LENGTH,
+    Unsupported,
+    element_header,
+    end_of_fragments,
+    split_values,
+)
 from pipeline.reasons import Reason
 
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -61,11 +73,8 @@ class ReadResult:
     encoded: dict[BaseTag, Any] | None = None
 
 
-def read_dicom(
-    path: Path, stop_before_pixels: bool = False, defer_size: int | None = None
-) -> ReadResult:
-    """Read ``path``; on failure return the reason a site coordinator can act on. Values
-    larger than ``defer_size`` bytes are read only when used."""
+def read_dicom(path: Path, stop_before_pixels: bool = False) -> ReadResult:
+    """Read ``path``; on failure return the reason a site coordinator can act on."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -73,7 +82,7 @@ def read_dicom(
     if size == 0:
         return ReadResult(None, Reason.EMPTY_FILE)
     with path.open("rb") as handle:
-        return _parse(handle, size, stop_before_pixels, defer_size)
+        return _parse(handle, size, stop_before_pixels)
 
 
 def read_elements(path: Path) -> ReadResult:
@@ -117,16 +126,13 @@ def _parse(
     handle: BinaryIO,
     size: int,
     stop_before_pixels: bool,
-    defer_size: int | None = None,
     complete: bool = True,
 ) -> _Parsed:
     """``complete=False`` leaves out the checks that need the pixels: the caller checks."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(
-                handle, stop_before_pixels=stop_before_pixels, defer_size=defer_size
-            )
+            ds = pydicom.dcmread(handle, stop_before_pixels=stop_before_pixels)
         except InvalidDicomError:
             if not complete:
                 return _Parsed(None, Reason.NOT_DICOM)
@@ -159,7 +165,7 @@ def _checked(
     handle: BinaryIO,
     size: int,
     stop_before_pixels: bool,
-    encoded: dict[BaseTag, Any] | None = None,
+    encoded: dict[BaseTag, Any],
 ) -> _Parsed:
     if not stop_before_pixels and _ends_past_file(ds, size):
         return _Parsed(None, Reason.TRUNCATED)
@@ -177,10 +183,6 @@ def _checked(
 
 
 _PIXELS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-_ITEM, _SEQUENCE_END = 0xE000FFFE, 0xE0DDFFFE  # (FFFE,E000), (FFFE,E0DD) read as <HH
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
 
 
 def _pixel_element(ds: FileDataset, data: bytes, offset: int) -> memoryview | None:
@@ -190,45 +192,24 @@ def _pixel_element(ds: FileDataset, data: bytes, offset: int) -> memoryview | No
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is None or syntax == DeflatedExplicitVRLittleEndian or not syntax.is_little_endian:
         return None
-    if offset + 8 > len(data):
-        return None
-    group, element = struct.unpack_from("<HH", data, offset)
-    if (group << 16) | element not in _PIXEL_TAGS:
-        return None
-    if syntax.is_implicit_VR:
-        (length,), start = struct.unpack_from("<L", data, offset + 4), offset + 8
-    else:
-        vr = bytes(data[offset + 4 : offset + 6])
-        if vr not in _LONG_VRS or offset + 12 > len(data):
+    try:
+        tag, vr, length, start = element_header(data, offset, syntax.is_implicit_VR)
+        if tag not in PIXEL_TAGS or (vr not in EXPLICIT_VR_LENGTH_32 and not syntax.is_implicit_VR):
             return None
-        (length,), start = struct.unpack_from("<L", data, offset + 8), offset + 12
-    if length == _UNDEFINED_LENGTH:
-        end = _end_of_fragments(data, start)
-    else:
-        end = start + length if length % 2 == 0 else None
-    if end is None or end != len(data):
+        if length == UNDEFINED_LENGTH:
+            end = end_of_fragments(data, start)
+        else:
+            end = start + length if length % 2 == 0 else None
+    except (Unsupported, struct.error):
         return None
-    return memoryview(data)[offset:]
-
-
-def _end_of_fragments(data: bytes, position: int) -> int | None:
-    """Where encapsulated pixel data's sequence delimiter ends, or None if malformed."""
-    while position + 8 <= len(data):
-        tag, length = struct.unpack_from("<LL", data, position)
-        position += 8
-        if tag == _SEQUENCE_END:
-            return position
-        if tag != _ITEM or length == _UNDEFINED_LENGTH:
-            return None
-        position += length
-    return None
+    return memoryview(data)[offset:] if end == len(data) else None
 
 
 def _value_length(ds: FileDataset, pixels: memoryview) -> int | None:
     """The declared length of a native pixel data value (None when encapsulated)."""
     header = 8 if ds.file_meta.TransferSyntaxUID.is_implicit_VR else 12
     (length,) = struct.unpack_from("<L", pixels, header - 4)
-    return None if length == _UNDEFINED_LENGTH else length
+    return None if length == UNDEFINED_LENGTH else length
 
 
 def _has_pixels(ds: FileDataset) -> bool:
@@ -249,7 +230,7 @@ def _ends_past_file(ds: FileDataset, size: int) -> bool:
         return False
     raw = ds._dict[max(ds._dict)]
     tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
-    if tell is None or length in (None, _UNDEFINED_LENGTH):
+    if tell is None or length in (None, UNDEFINED_LENGTH):
         return False
     return tell + length > size
 
@@ -372,7 +353,7 @@ def _elements(ds: Dataset, implicit: bool, codec: str | None, charset: Any) -> b
         if not implicit and not element.VR:
             value = None  # no VR to write: pydicom decides (or refuses)
         elif element.is_raw:
-            value = None if element.length == _UNDEFINED_LENGTH else element.value
+            value = None if element.length == UNDEFINED_LENGTH else element.value
         elif element.VR == "SQ":
             value = _sequence(element, implicit, charset)
         else:
@@ -383,7 +364,7 @@ def _elements(ds: Dataset, implicit: bool, codec: str | None, charset: Any) -> b
             write_data_element(buffer, ds[tag], charset)
             parts.append(buffer.getvalue())
         elif not element.is_raw and element.VR == "SQ" and element.is_undefined_length:
-            parts += [_element_header(tag, "SQ", _UNDEFINED_LENGTH, implicit), value]
+            parts += [_element_header(tag, "SQ", UNDEFINED_LENGTH, implicit), value]
             parts.append(_SEQUENCE_DELIMITER)
         else:
             parts += [_element_header(tag, element.VR, len(value), implicit), value]
@@ -409,7 +390,7 @@ def _sequence(element: Any, implicit: bool, charset: Any) -> bytes | None:
         item_charset = item.get("SpecificCharacterSet", charset)
         body = _elements(item, implicit, _single_codec(item), item_charset)
         if getattr(item, "is_undefined_length_sequence_item", False):
-            parts += [_ITEM_START, struct.pack("<L", _UNDEFINED_LENGTH), body, _ITEM_DELIMITER]
+            parts += [_ITEM_START, struct.pack("<L", UNDEFINED_LENGTH), body, _ITEM_DELIMITER]
         else:
             parts += [_ITEM_START, struct.pack("<L", len(body)), body]
     return b"".join(parts)
@@ -423,7 +404,6 @@ def _element_header(tag: int, vr: str | None, length: int, implicit: bool) -> by
     return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, str(vr).encode(), length)
 
 
-_NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d"}
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "UR"})
 
 
@@ -436,10 +416,10 @@ def _value_bytes(element: Any, codec: str | None) -> bytes | None:
     if value is None or value == "" or values == []:
         return b""
     try:
-        if vr in _NUMBER_FORMATS:
+        if vr in NUMBER_FORMATS:
             if not all(isinstance(v, (int, float)) for v in values):
                 return None
-            return struct.pack(f"<{len(values)}{_NUMBER_FORMATS[vr]}", *values)
+            return struct.pack(f"<{len(values)}{NUMBER_FORMATS[vr]}", *values)
         if vr in ("DS", "IS"):
             text = "\\".join(
                 v.original_string if hasattr(v, "original_string") else str(v) for v in values
@@ -449,7 +429,7 @@ def _value_bytes(element: Any, codec: str | None) -> bytes | None:
             data = b"\\".join(str(v).encode(codec) for v in values)
         elif vr in _ASCII_VRS and all(type(v) is str or type(v) is UID for v in values):
             data = "\\".join(values).encode(default_encoding)
-        elif vr in _CHARSET_VRS and codec is not None and all(type(v) is str for v in values):
+        elif vr in CHARSET_VRS and codec is not None and all(type(v) is str for v in values):
             data = b"\\".join(v.encode(codec) for v in values)
         else:
             return None
@@ -495,15 +475,9 @@ def element_vr(holder: Dataset, tag: BaseTag) -> str:
         return element.VR
     if element.VR is not None and element.VR != "UN":
         return element.VR
-    if element.VR is None and element.length != _UNDEFINED_LENGTH and dictionary_has_tag(tag):
+    if element.VR is None and element.length != UNDEFINED_LENGTH and dictionary_has_tag(tag):
         return dictionary_VR(tag)
     return holder[tag].VR
-
-
-# VRs whose values are text in the dataset's character set; the other string VRs are ASCII.
-_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
-_STRING_VRS = _CHARSET_VRS | {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"}
-_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
 
 
 def texts(holder: Dataset, tag: BaseTag, vr: str, codec: str | None) -> list[str]:
@@ -515,15 +489,14 @@ def texts(holder: Dataset, tag: BaseTag, vr: str, codec: str | None) -> list[str
     them, without building pydicom's typed value; anything else goes through pydicom.
     """
     element = holder._dict[tag]
-    if vr in _BINARY_VRS:
+    if vr in BINARY_VRS:
         return []
     if vr == "UN" and element.is_raw and element.value is not None:
         return [element.value.decode("latin-1", "replace")] if element.value else []
-    if element.is_raw and vr in _STRING_VRS and isinstance(element.value, bytes):
-        codec = codec if vr in _CHARSET_VRS else "latin-1"
+    if element.is_raw and vr in STRING_VRS and isinstance(element.value, bytes):
+        codec = codec if vr in CHARSET_VRS else "latin-1"
         if codec is not None:
-            text = element.value.decode(codec, "replace")
-            return [v for v in (part.rstrip("\x00 ") for part in text.split("\\")) if v]
+            return split_values(element.value.decode(codec, "replace"))
     value = holder[tag].value
     if value is None or value == "" or isinstance(value, (bytes, bytearray)):
         return [value.decode("latin-1", "replace")] if vr == "UN" and value else []

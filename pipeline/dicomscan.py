@@ -17,23 +17,26 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydicom.charset import convert_encodings
-from pydicom.datadict import dictionary_has_tag, dictionary_VR
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
-_LONG = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN"})
-_LONG |= {b"UR", b"UT", b"UV"}
-_BINARY = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
-_NUMBERS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "UV": "Q"}
-_NUMBERS |= {"SV": "q"}
-_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
-_PIXELS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+# VRs: text in the dataset's character set (the other string VRs are ASCII), binary data,
+# binary numbers (struct formats).
+CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+STRING_VRS = CHARSET_VRS | {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"}
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
+NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d"}
+NUMBER_FORMATS |= {"UV": "Q", "SV": "q"}
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+UNDEFINED_LENGTH = 0xFFFFFFFF
+_LONG = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_UNDEFINED = 0xFFFFFFFF
 _CHARSET_TAG = 0x00080005
 
 
-class _Unsupported(Exception):
-    """The file uses an encoding this scanner leaves to pydicom."""
+class Unsupported(Exception):
+    """The bytes use an encoding this scanner leaves to pydicom."""
 
 
 def file_texts(path: Path) -> list[tuple[int, list[str]]] | None:
@@ -45,20 +48,20 @@ def file_texts(path: Path) -> list[tuple[int, list[str]]] | None:
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
             try:
                 return _scan_file(data)
-            except (_Unsupported, struct.error, UnicodeDecodeError, IndexError, ValueError):
+            except (Unsupported, struct.error, UnicodeDecodeError, IndexError, ValueError):
                 return None
 
 
 def _scan_file(data: mmap.mmap) -> list[tuple[int, list[str]]]:
     if data[128:132] != b"DICM":
-        raise _Unsupported
+        raise Unsupported
     found: list[tuple[int, list[str]]] = []
     position, syntax = 132, None
     while position + 8 <= len(data):  # the file meta: explicit VR little endian, group 2
         (group,) = struct.unpack_from("<H", data, position)
         if group != 0x0002:
             break
-        tag, vr, length, position = _header(data, position, implicit=False)
+        tag, vr, length, position = element_header(data, position, implicit=False)
         value = data[position : position + length]
         found.append((tag, _texts(vr, value, "latin-1")))
         if tag == 0x00020010:
@@ -66,9 +69,9 @@ def _scan_file(data: mmap.mmap) -> list[tuple[int, list[str]]]:
         position += length
     uid = UID(syntax or "")
     if not uid.is_transfer_syntax or uid == DeflatedExplicitVRLittleEndian:
-        raise _Unsupported
+        raise Unsupported
     if not uid.is_little_endian:
-        raise _Unsupported  # big endian: pydicom's job
+        raise Unsupported  # big endian: pydicom's job
     implicit = uid.is_implicit_VR
     _scan(data, position, len(data), implicit, "latin-1", found)
     return found
@@ -85,19 +88,19 @@ def _scan(
     """Scan elements from ``position`` to ``end`` (or an item delimiter); return where the
     scan stopped."""
     while position + 8 <= end:
-        tag, vr, length, position = _header(data, position, implicit)
+        tag, vr, length, position = element_header(data, position, implicit)
         if tag == _ITEM_END:
             return position
         if tag == _SEQUENCE_END:
-            raise _Unsupported  # a delimiter out of place
+            raise Unsupported  # a delimiter out of place
         if vr == "SQ":
             position = _items(data, position, length, end, implicit, codec, found)
             continue
-        if tag in _PIXELS:
+        if tag in PIXEL_TAGS:
             position = _skip_pixels(data, position, length)
             continue
-        if length == _UNDEFINED or position + length > end or vr == "UN":
-            raise _Unsupported  # UN: pydicom may know the VR (and even find a sequence)
+        if length == UNDEFINED_LENGTH or position + length > end or vr == "UN":
+            raise Unsupported  # UN: pydicom may know the VR (and even find a sequence)
         value = data[position : position + length]
         position += length
         if tag == _CHARSET_TAG:
@@ -116,7 +119,7 @@ def _items(
     found: list[tuple[int, list[str]]],
 ) -> int:
     """Scan a sequence's items; return the position after the sequence."""
-    stop = end if length == _UNDEFINED else position + length
+    stop = end if length == UNDEFINED_LENGTH else position + length
     while position + 8 <= stop:
         group, element, item_length = struct.unpack_from("<HHL", data, position)
         tag_value = (group << 16) | element
@@ -124,27 +127,40 @@ def _items(
         if tag_value == _SEQUENCE_END:
             return position
         if tag_value != _ITEM:
-            raise _Unsupported
-        item_end = stop if item_length == _UNDEFINED else position + item_length
+            raise Unsupported
+        item_end = stop if item_length == UNDEFINED_LENGTH else position + item_length
         position = _scan(data, position, item_end, implicit, codec, found)
-    if length == _UNDEFINED:
-        raise _Unsupported  # no sequence delimiter before the end
+    if length == UNDEFINED_LENGTH:
+        raise Unsupported  # no sequence delimiter before the end
     return stop
 
 
 def _skip_pixels(data: mmap.mmap, position: int, length: int) -> int:
-    if length != _UNDEFINED:
+    if length != UNDEFINED_LENGTH:
         return position + length
-    while position + 8 <= len(data):  # encapsulated: fragments up to the delimiter
-        group, element, fragment = struct.unpack_from("<HHL", data, position)
+    return end_of_fragments(data, position)
+
+
+def end_of_fragments(data: bytes | mmap.mmap | memoryview, position: int) -> int:
+    """Where encapsulated pixel data, whose first item starts at ``position``, ends (after
+    its sequence delimiter); :class:`Unsupported` if it is malformed."""
+    while position + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHL", data, position)
         position += 8
-        if (group << 16) | element == _SEQUENCE_END:
+        tag = (group << 16) | element
+        if tag == _SEQUENCE_END:
             return position
-        position += fragment
-    raise _Unsupported
+        if tag != _ITEM or length == UNDEFINED_LENGTH:
+            raise Unsupported
+        position += length
+    raise Unsupported
 
 
-def _header(data: mmap.mmap, position: int, implicit: bool) -> tuple[int, str, int, int]:
+def element_header(
+    data: bytes | mmap.mmap | memoryview, position: int, implicit: bool
+) -> tuple[int, str, int, int]:
+    """The element whose header starts at ``position``: (tag, VR, value length, where the
+    value starts); :class:`Unsupported` where only pydicom can tell the VR."""
     group, element = struct.unpack_from("<HH", data, position)
     tag = (group << 16) | element
     if group == 0xFFFE:  # item and delimiter tags carry no VR
@@ -164,10 +180,10 @@ def _header(data: mmap.mmap, position: int, implicit: bool) -> tuple[int, str, i
 @lru_cache(maxsize=4096)
 def _implicit_vr(tag: int) -> str:
     if tag >> 16 & 1 or not dictionary_has_tag(tag):
-        raise _Unsupported  # a private or unknown element: its VR is pydicom's guess
+        raise Unsupported  # a private or unknown element: its VR is pydicom's guess
     vr = dictionary_VR(tag)
     if " or " in vr:
-        raise _Unsupported  # ambiguous (US or SS...): pydicom resolves it from context
+        raise Unsupported  # ambiguous (US or SS...): pydicom resolves it from context
     return vr
 
 
@@ -175,21 +191,43 @@ def _implicit_vr(tag: int) -> str:
 def _codec(value: str) -> str:
     encodings = convert_encodings([v.strip() for v in value.split("\\")] or [""])
     if len(encodings) != 1:
-        raise _Unsupported  # ISO 2022 code extensions: pydicom decodes them
+        raise Unsupported  # ISO 2022 code extensions: pydicom decodes them
     return encodings[0]
 
 
 def _texts(vr: str, value: bytes, codec: str) -> list[str]:
-    if not value or vr in _BINARY:
+    if not value or vr in BINARY_VRS:
         return []
-    if vr in _NUMBERS:
-        size = struct.calcsize("<" + _NUMBERS[vr])
+    if vr in NUMBER_FORMATS:
+        size = struct.calcsize("<" + NUMBER_FORMATS[vr])
         numbers = struct.unpack(
-            f"<{len(value) // size}{_NUMBERS[vr]}", value[: len(value) // size * size]
+            f"<{len(value) // size}{NUMBER_FORMATS[vr]}", value[: len(value) // size * size]
         )
         return [str(n) for n in numbers]
     if vr == "AT":
         pairs = struct.unpack(f"<{len(value) // 2}H", value[: len(value) // 4 * 4])
         return [f"({pairs[i]:04X},{pairs[i + 1]:04X})" for i in range(0, len(pairs), 2)]
-    text = value.decode(codec if vr in _CHARSET_VRS else "latin-1", "replace")
+    return split_values(value.decode(codec if vr in CHARSET_VRS else "latin-1", "replace"))
+
+
+def split_values(text: str) -> list[str]:
+    """A string element's decoded text as its values, as pydicom gives them: split at
+    backslashes, padding stripped, empty values dropped."""
     return [v for v in (part.rstrip("\x00 ") for part in text.split("\\")) if v]
+
+
+@lru_cache(maxsize=8192)
+def keyword(tag: int) -> str:
+    """The dictionary keyword of ``tag`` ("" for a private or unknown one)."""
+    return keyword_for_tag(tag)
+
+
+@lru_cache(maxsize=8192)
+def tag_text(tag: int) -> str:
+    """``tag`` written as DICOM writes it: "(0010,0010)"."""
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def attribute_name(tag: int) -> str:
+    """How a report names an element: its keyword, or its tag when it has none."""
+    return keyword(tag) or tag_text(tag)

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.datadict import keyword_for_tag
-from pydicom.tag import BaseTag
 
 from pipeline import atomic, batch, enrollment, intake, restricted
+from pipeline.dicomscan import attribute_name
 from pipeline.home import DataHome
 from pipeline.intake import UploadRefused
 from pipeline.pseudonyms import trial_secret
@@ -104,7 +103,7 @@ def changes(original: Path, output: Path) -> dict[str, list[str]]:
     before, after = _top_level(original), _top_level(output)
     done: dict[str, list[str]] = {"removed": [], "emptied": [], "replaced": [], "kept": []}
     for tag, was in before.items():
-        name = keyword_for_tag(tag) or str(BaseTag(tag))
+        name = attribute_name(tag)
         if tag not in after:
             done["removed"].append(name)
         elif after[tag] == was:
@@ -113,7 +112,7 @@ def changes(original: Path, output: Path) -> dict[str, list[str]]:
             done["emptied"].append(name)
         else:
             done["replaced"].append(name)
-    done["added"] = [keyword_for_tag(t) or str(BaseTag(t)) for t in after if t not in before]
+    done["added"] = [attribute_name(t) for t in after if t not in before]
     return done
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from importlib import resources
 from typing import Any
 
@@ -32,12 +31,13 @@ from deid.config import DeidRecipe
 from deid.dicom.fields import DicomField
 from deid.dicom.tags import get_tag
 from deid.utils.actions import parse_value
-from pydicom.datadict import DicomDictionary, keyword_for_tag
+from pydicom.datadict import DicomDictionary
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
 from pipeline.dicomio import element_vr
+from pipeline.dicomscan import keyword, tag_text
 
 _SUPPORTED = {"REMOVE", "BLANK", "REPLACE", "ADD", "KEEP"}
 _PLAIN = re.compile(r"^[A-Za-z0-9]+$|^\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)$")
@@ -127,8 +127,8 @@ class CompiledRecipe:
         number = int(tag)  # an int key: BaseTag compares in Python, slowly
         keys = self._matches.get(number)
         if keys is None:
-            text = _tag_text(number).lower()
-            spelled = {_keyword(number).lower(), text, text[1:5] + text[6:10]}
+            text = tag_text(number).lower()
+            spelled = {keyword(number).lower(), text, text[1:5] + text[6:10]}
             spelled |= self.named.get(number, set())
             keys = self._matches[number] = frozenset((spelled - {""}) & self.wanted)
         return keys
@@ -200,14 +200,14 @@ class CompiledRecipe:
         while queue:
             dataset, prefix, parent_uid, is_meta, owner = queue.pop(0)
             for tag in list(dataset._dict):
-                keyword = _keyword(tag)
-                if keyword in self.skip or tag in kept:
+                word = keyword(tag)
+                if word in self.skip or tag in kept:
                     continue
                 sequence = element_vr(dataset, tag) == "SQ"
                 if not sequence and not self._keys(tag):
                     continue
-                name = keyword if prefix is None else f"{prefix}__{keyword}"
-                uid = _tag_text(tag) if parent_uid is None else f"{parent_uid}__{_tag_text(tag)}"
+                name = word if prefix is None else f"{prefix}__{word}"
+                uid = tag_text(tag) if parent_uid is None else f"{parent_uid}__{tag_text(tag)}"
                 if uid in fields:
                     continue
                 item = _Field(tag, name, uid, is_meta, dataset)
@@ -234,7 +234,7 @@ class CompiledRecipe:
             return
         tag = self.added[action.field]
         assert tag is not None  # unsupported recipes never get here
-        uid = _tag_text(BaseTag(tag["tag"]))
+        uid = tag_text(tag["tag"])
         existing = fields.get(uid)
         if existing is not None and existing.alive:
             existing.element.value = value
@@ -247,14 +247,3 @@ class CompiledRecipe:
         fields[uid] = item
         for key in self._keys(element.tag):
             index.setdefault(key, []).append(item)
-
-
-@lru_cache(maxsize=4096)
-def _tag_text(tag: int) -> str:
-    """A tag as deid spells it in field uids: "(0010,0010)"."""
-    return str(BaseTag(tag))
-
-
-@lru_cache(maxsize=4096)
-def _keyword(tag: int) -> str:
-    return keyword_for_tag(tag)

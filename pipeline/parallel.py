@@ -62,8 +62,8 @@ def map_files(
     count = min(processes or workers(), len(items))
     _context = shared
     # What exists now (modules, the recipe, the batch's state) lives through the loop: kept
-    # out of the garbage collector's full scans, a few percent of every file's cost, and,
-    # in forked workers, out of the pages those scans would copy.
+    # out of the garbage collector's full scans (measured: 1.5 % of a CT file's
+    # instructions) and, in forked workers, out of the pages those scans would copy.
     gc.freeze()
     try:
         if count <= 1:

@@ -61,6 +61,10 @@ def _date(value: Any) -> dt.date | None:
         return None
 
 
+def _first(values: list[str]) -> str:
+    return values[0] if values else ""
+
+
 def _text(value: Any) -> str | None:
     text = "\\".join(str(v).strip() for v in _values(value)).strip("\\ ")
     return text or None
@@ -74,9 +78,9 @@ def instance_row(ds: Dataset, anchor: dt.date, has_pixels: bool) -> dict[str, An
     study_date = _date(get("StudyDate"))
     meta = getattr(ds, "file_meta", None)
     return {
-        "study_uid": "".join(get("StudyInstanceUID")[:1]),
-        "series_uid": "".join(get("SeriesInstanceUID")[:1]),
-        "sop_instance_uid": "".join(get("SOPInstanceUID")[:1]),
+        "study_uid": _first(get("StudyInstanceUID")),
+        "series_uid": _first(get("SeriesInstanceUID")),
+        "sop_instance_uid": _first(get("SOPInstanceUID")),
         "sop_class_uid": _text(get("SOPClassUID")),
         "transfer_syntax_uid": _text(meta.get("TransferSyntaxUID")) if meta else None,
         "modality": _text(get("Modality")),

@@ -48,11 +48,16 @@ class _Deferred(types.ModuleType):
 def _import_deferred(name: str) -> types.ModuleType:
     if isinstance(sys.modules.get(name), _Deferred):
         del sys.modules[name]
-        module = importlib.import_module(name)
-        parent, _, child = name.rpartition(".")
-        if parent:
-            setattr(sys.modules[parent], child, module)
+        _bind(name, importlib.import_module(name))
     return sys.modules[name]
+
+
+def _bind(name: str, module: types.ModuleType) -> None:
+    """Make ``module`` what ``import name`` (and its parent package's attribute) gives."""
+    sys.modules[name] = module
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, module)
 
 
 def load() -> None:
@@ -72,10 +77,7 @@ def _defer_unused_imports() -> None:
             continue
         module = _Deferred(name)
         module.__spec__, module.__loader__ = spec, spec.loader
-        sys.modules[name] = module
-        parent, _, child = name.rpartition(".")
-        if parent:
-            setattr(sys.modules[parent], child, module)
+        _bind(name, module)
 
 
 # A finite number as :func:`normalise` writes it (Python's float repr: no inf, no nan).

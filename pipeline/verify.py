@@ -10,14 +10,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
-from pydicom.tag import BaseTag
 from pydicom.uid import UID_dictionary
 
 from pipeline.annex_e import load_table
 from pipeline.dicomio import read_elements, texts, walk
-from pipeline.dicomscan import file_texts
+from pipeline.dicomscan import attribute_name, file_texts, keyword
 
 # Attributes whose values identify the patient, the visit or the people and place involved.
 IDENTIFYING_KEYWORDS = frozenset(
@@ -124,19 +122,19 @@ def identifying_values(ds: Dataset, retained: frozenset[str] = frozenset()) -> I
     for holder, tag, vr, codec in walk(ds):
         if vr in _SKIP_VRS:
             continue
-        keyword = keyword_for_tag(tag)
-        if keyword in retained:
+        name = keyword(tag)
+        if name in retained:
             continue
-        if tag >> 16 == 0x0002 and keyword != "MediaStorageSOPInstanceUID":
+        if tag >> 16 == 0x0002 and name != "MediaStorageSOPInstanceUID":
             continue  # the file meta names the software that wrote the file, not the patient
         if vr == "PN":
             for name in texts(holder, tag, vr, codec):
                 found.add(name)
                 found.update(p for p in re.split(r"[\^= ,.]+", name) if p)
         elif vr == "UI":
-            if keyword in uid_keywords:
+            if name in uid_keywords:
                 found.update(v for v in texts(holder, tag, vr, codec) if v not in UID_dictionary)
-        elif vr in ("DA", "DT") or keyword in IDENTIFYING_KEYWORDS:
+        elif vr in ("DA", "DT") or name in IDENTIFYING_KEYWORDS:
             found.update(texts(holder, tag, vr, codec))
     values = frozenset(v.strip() for v in found if len(v.strip()) >= MIN_LENGTH)
     return IdentifyingValues(values)
@@ -189,7 +187,7 @@ def _hits(original: IdentifyingValues, found: list[tuple[int, list[str]]]) -> li
     hits: list[str] = []
     for tag, values in found:
         if any(original.find(text) for text in values):
-            name = keyword_for_tag(tag) or str(BaseTag(tag))
+            name = attribute_name(tag)
             if name not in hits:
                 hits.append(name)
     return hits

@@ -118,6 +118,7 @@ def test_deid_dry_run_writes_deidentified_files_and_a_report_and_no_archive(
 ):
     planned = trial.batches[0]
     out_dir = tmp_path / "out"
+    inputs = {p: p.read_bytes() for p in planned.folder.rglob("*") if p.is_file()}
     code, _, _ = run(
         capsys,
         enrolled,
@@ -151,6 +152,10 @@ def test_deid_dry_run_writes_deidentified_files_and_a_report_and_no_archive(
     actions = next(f["actions"] for f in report["files"] if f["actions"])
     assert "PatientAddress" in actions["removed"] and "StudyInstanceUID" in actions["replaced"]
     assert "PatientIdentityRemoved" in actions["added"] and "Modality" in actions["kept"]
+    assert "PixelData" in actions["kept"]
+    # The sandbox hard-links the inputs: they come out as they went in, linked nowhere.
+    assert {p: p.read_bytes() for p in inputs} == inputs
+    assert all(p.stat().st_nlink == 1 for p in inputs)
     text = (out_dir / "deid-report.json").read_text()
     assert trial.patients[planned.subject_id].patient_id not in text  # names, never values
 

@@ -105,3 +105,23 @@ def test_archive_and_tables_stay_in_the_data_home_unless_a_url_moves_them(tmp_pa
     assert moved.parquet == (tmp_path / "nfs" / "tables").resolve()
     assert moved.archive.is_dir() and moved.parquet.is_dir()
     assert moved.table_locks == moved.root / "parquet" / ".locks"  # locks stay home
+
+
+def test_writes_in_a_scratch_block_land_whole_and_wait_for_no_disk(tmp_path, monkeypatch):
+    """The dry run's sandbox is thrown away: inside atomic.scratch() files still land by
+    rename, but no fsync or sync waits for the disk; outside, every write is flushed."""
+    import os
+
+    from pipeline import atomic
+
+    flushes: list[str] = []
+    real_fsync, real_sync = os.fsync, os.sync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushes.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "sync", lambda: (flushes.append("sync"), real_sync())[1])
+    with atomic.scratch():
+        atomic.write_bytes(tmp_path / "a", b"scratch")
+        atomic.sync()
+    assert flushes == [] and (tmp_path / "a").read_bytes() == b"scratch"
+    atomic.write_bytes(tmp_path / "b", b"durable")
+    atomic.sync()
+    assert flushes == ["fsync", "sync"] and (tmp_path / "b").read_bytes() == b"durable"
