@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.home import DataHome, data_home
+from pipeline.settings import SettingError
 
 EXIT_REFUSED = 2
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     home = data_home(args.home)
     try:
         return int(args.handler(home, args) or 0)
-    except Refused as refusal:
+    except (Refused, SettingError) as refusal:
         print(f"trialpipe: {refusal}", file=sys.stderr)
         return EXIT_REFUSED
 

@@ -131,8 +131,10 @@ class Cluster:
         return result.stdout
 
     def prepare(self, ingest_slots: int, timeout: float = 600) -> None:
-        """Migrate the metadata DB and size the ingest pool, as an operator does once;
-        ``timeout`` bounds both commands together."""
+        """Migrate the metadata DB and size the ingest pool, as an operator does once, and
+        give the components the same ``TRIALPIPE_INGEST_SLOTS`` (the ingest DAG's active
+        runs); ``timeout`` bounds both commands together."""
+        self.env["TRIALPIPE_INGEST_SLOTS"] = str(ingest_slots)
         deadline = time.monotonic() + timeout
         self.airflow("db", "migrate", timeout=timeout)
         self.airflow(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.home import DataHome, dags_dir
+from pipeline.settings import ingest_slots
 
 if TYPE_CHECKING:
     import psutil
@@ -78,7 +79,8 @@ def airflow_env(home: DataHome, port: int) -> dict[str, str]:
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags_dir()),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home.airflow / 'airflow.db'}",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "4",
+        # As many task slots as batches may be processed at once: the pool's size.
+        "AIRFLOW__CORE__PARALLELISM": str(ingest_slots()),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__API_AUTH__JWT_SECRET": jwt_secret(home),
@@ -263,15 +265,15 @@ def _migrate() -> None:
     upgradedb()
 
 
-def _ensure_ingest_pool(slots: int) -> None:
-    """Create the ingest pool if missing: Airflow never schedules a task of a pool that does
-    not exist. A pool already there keeps the size someone gave it."""
+def _size_ingest_pool(slots: int) -> None:
+    """Give the ingest pool ``slots`` slots, creating it if missing: Airflow never schedules
+    a task of a pool that does not exist. In the embedded mode ``$TRIALPIPE_INGEST_SLOTS``
+    is the only knob, so each run sets the pool to it (a deployment sizes its own pool)."""
     from airflow.models.pool import Pool
 
-    if Pool.get_pool(INGEST_POOL) is None:
-        Pool.create_or_update_pool(
-            INGEST_POOL, slots, "Batches processed at once", include_deferred=False
-        )
+    Pool.create_or_update_pool(
+        INGEST_POOL, slots, "Batches processed at once", include_deferred=False
+    )
 
 
 def _serialize_dags() -> None:
@@ -348,7 +350,7 @@ def run_dags(
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = _configure(home, port)
     _migrate()
-    _ensure_ingest_pool(slots=int(env["AIRFLOW__CORE__PARALLELISM"]))
+    _size_ingest_pool(ingest_slots())
     stack = Components(home, env)  # reaps what a killed earlier run left behind
     _close_abandoned_runs()
     try:
@@ -384,8 +386,11 @@ def run_dags(
 
         _wait_for(all_terminal, stack, time.monotonic() + timeout, "the DAG runs")
     finally:
-        stack.stop()
+        stopped = stack.stop()
         signal.signal(signal.SIGTERM, previous)
+        for processes in stopped.killed.values():
+            # Process names only (Stopped holds no command lines): said, not hidden.
+            print(f"trialpipe: had to kill {', '.join(processes)}", file=sys.stderr)
     return states
 
 

@@ -82,6 +82,9 @@ class DataHome:
     tables_url: str | None = None
     quarantine_url: str | None = None
     inbox_url: str | None = None
+    # $TRIALPIPE_LEDGER_URL_CMD, run when the ledger's URL is first asked for: a component
+    # that never opens the ledger (the triggerer's inbox watcher) never runs it.
+    ledger_command: str | None = None
 
     @property
     def inbox(self) -> Location:
@@ -131,7 +134,12 @@ class DataHome:
 
     @property
     def ledger_url(self) -> str:
-        return self.ledger_override or f"sqlite:///{self.root / 'ledger.sqlite'}"
+        """The audit ledger's SQLAlchemy URL (default: SQLite in the data home)."""
+        if self.ledger_override:
+            return self.ledger_override
+        if self.ledger_command:
+            return _command_output(self.ledger_command)
+        return f"sqlite:///{self.root / 'ledger.sqlite'}"
 
     @property
     def restricted_url(self) -> str:
@@ -214,18 +222,16 @@ def data_home(root: str | Path | None = None) -> DataHome:
     (a path or an fsspec URL, e.g. ``s3://bucket/prefix``).
     """
     chosen = root or os.environ.get("TRIALPIPE_HOME") or Path.home() / "trialpipe-home"
-    ledger = os.environ.get("TRIALPIPE_LEDGER_URL")
-    if not ledger and os.environ.get("TRIALPIPE_LEDGER_URL_CMD"):
-        ledger = _command_output(os.environ["TRIALPIPE_LEDGER_URL_CMD"])
     secrets = os.environ.get("TRIALPIPE_SECRETS_DIR")
     return DataHome(
         Path(chosen).expanduser().resolve(),
-        ledger,
+        os.environ.get("TRIALPIPE_LEDGER_URL") or None,
         Path(secrets) if secrets else None,
         os.environ.get("TRIALPIPE_ARCHIVE_URL") or None,
         os.environ.get("TRIALPIPE_TABLES_URL") or None,
         os.environ.get("TRIALPIPE_QUARANTINE_URL") or None,
         os.environ.get("TRIALPIPE_INBOX_URL") or None,
+        os.environ.get("TRIALPIPE_LEDGER_URL_CMD") or None,
     )
 
 

@@ -181,6 +181,7 @@ def _run(cluster, home, planned, queue, started, deadline):
             for b in batch_ids
         }
         record["pool"] = api.get(f"/pools/{INGEST_POOL}")
+        record["ingest_dag"] = api.get("/dags/trialpipe_ingest")
         record["processed_after"] = time.monotonic() - started
         record["alive"] = {n: psutil.pid_exists(pid) for n, pid in cluster.pids.items()}
     except BaseException:
@@ -235,6 +236,8 @@ def test_every_ingest_task_ran_on_the_celery_worker_in_the_ingest_pool(deploymen
 def test_the_ingest_pool_sets_the_pace_not_the_worker(deployment):
     """One slot: no two ingest tasks ran at once, though the worker could run four."""
     assert deployment["pool"]["slots"] == 1
+    # The same setting, as the DAG processor parsed it, limits the active runs.
+    assert deployment["ingest_dag"]["max_active_runs"] == 1
     spans = sorted(
         (dt.datetime.fromisoformat(ti["start_date"]), dt.datetime.fromisoformat(ti["end_date"]))
         for tis in deployment["task_instances"].values()

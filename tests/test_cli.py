@@ -113,6 +113,24 @@ def test_run_with_nothing_ready_says_so(capsys, home):
     assert code == 0 and "no READY batches" in out
 
 
+def test_run_refuses_an_ingest_setting_that_is_no_number_and_leaves_the_batch_ready(
+    capsys, enrolled, trial, monkeypatch
+):
+    from pipeline.intake import ready_batches
+
+    planned = trial.batches[1]
+    where = ["--site", planned.site_id, "--subject", planned.subject_id, "--visit", planned.visit]
+    code, out, _ = run(
+        capsys, enrolled, "upload", "--protocol", "DEMO-01", *where, str(planned.folder)
+    )
+    assert code == 0
+    monkeypatch.setenv("TRIALPIPE_INGEST_SLOTS", "0")
+    code, _, err = run(capsys, enrolled, "run")
+    assert code == 2 and "Traceback" not in err
+    assert "TRIALPIPE_INGEST_SLOTS must be a whole number of at least 1, not '0'" in err
+    assert [b.batch_id for b in ready_batches(enrolled)] == [out.strip()]
+
+
 def test_deid_dry_run_writes_deidentified_files_and_a_report_and_no_archive(
     capsys, enrolled, trial, tmp_path
 ):

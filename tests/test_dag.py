@@ -47,9 +47,20 @@ def test_every_ingest_task_runs_in_the_ingest_pool_later_steps_first(tmp_path, m
 def test_a_burst_of_uploads_runs_as_many_batches_at_once_as_the_ingest_setting_says(
     tmp_path, monkeypatch
 ):
+    monkeypatch.delenv("TRIALPIPE_INGEST_SLOTS", raising=False)
     assert _dagbag(tmp_path, monkeypatch).dags["trialpipe_ingest"].max_active_runs == 4
     monkeypatch.setenv("TRIALPIPE_INGEST_SLOTS", "2")
     assert _dagbag(tmp_path, monkeypatch).dags["trialpipe_ingest"].max_active_runs == 2
+
+
+def test_an_ingest_setting_that_is_no_number_is_named_where_airflow_shows_import_errors(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TRIALPIPE_INGEST_SLOTS", "four")
+    bag = _dagbag(tmp_path, monkeypatch)
+    assert "trialpipe_ingest" not in bag.dags
+    (error,) = [e for f, e in bag.import_errors.items() if f.endswith("trialpipe_ingest.py")]
+    assert "TRIALPIPE_INGEST_SLOTS must be a whole number of at least 1, not 'four'" in error
 
 
 def test_the_intake_dag_runs_on_the_inbox_watchers_events(tmp_path, monkeypatch):
@@ -78,14 +89,15 @@ def test_compaction_runs_daily_in_a_deployment_and_on_demand_when_embedded(tmp_p
     "dag_file", ["trialpipe_ingest.py", "trialpipe_compact.py", "trialpipe_intake.py"]
 )
 def test_parsing_a_dag_file_does_not_import_the_pipeline(tmp_path, dag_file):
-    """Heavy imports (pydicom, deid, Great Expectations) belong inside the tasks. The one
-    pipeline module a DAG file may import is the inbox watcher's trigger (stdlib and
-    Airflow only): an asset watcher needs the trigger instance at parse time."""
+    """Heavy imports (pydicom, deid, Great Expectations) belong inside the tasks. The
+    pipeline modules a DAG file may import are the inbox watcher's trigger (stdlib and
+    Airflow only: an asset watcher needs the trigger instance at parse time) and the
+    settings (stdlib only)."""
     code = (
         "import sys, runpy; runpy.run_path(sys.argv[1]);"
         "heavy = [m for m in sys.modules if m in ('pydicom', 'deid', 'great_expectations',"
         " 'pandas', 'pyarrow', 'duckdb') or (m.startswith('pipeline.')"
-        " and m != 'pipeline.watch')]; print(','.join(sorted(heavy)))"
+        " and m not in ('pipeline.watch', 'pipeline.settings'))]; print(','.join(sorted(heavy)))"
     )
     started = time.monotonic()
     result = subprocess.run(

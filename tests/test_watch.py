@@ -126,3 +126,14 @@ def test_the_trigger_serializes_to_what_recreates_it():
     assert classpath == "pipeline.watch.ReadyBatchTrigger"
     assert kwargs == {"poll_interval": 2.0, "home": None}  # no path: the triggerer's home
     assert ReadyBatchTrigger(**kwargs).serialize() == (classpath, kwargs)
+
+
+def test_the_watcher_sees_the_inbox_without_resolving_the_ledger(home, tmp_path, monkeypatch):
+    """The triggerer's watcher only lists the upload area: a ledger-URL command that cannot
+    run there (its secret is mounted for the workers) must not stop it."""
+    from pipeline.watch import ready_batch_ids
+
+    staged = _stage(home, tmp_path)
+    monkeypatch.delenv("TRIALPIPE_LEDGER_URL", raising=False)
+    monkeypatch.setenv("TRIALPIPE_LEDGER_URL_CMD", "false")
+    assert ready_batch_ids(str(home.root)) == [staged]
