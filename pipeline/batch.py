@@ -66,7 +66,7 @@ def original_path(home: DataHome, batch_id: str, entry: FileEntry) -> Path:
 
 
 NUMBERED = "numbered"
-UNKNOWN = "unknown"
+UNKNOWN = tables.UNKNOWN  # the ledger's and the batches table's word for an untrusted value
 
 
 def claim(home: DataHome, batch_id: str, run_id: str | None = None) -> Path:
@@ -658,11 +658,7 @@ def _write_batch_row(
 ) -> None:
     """The batch's row of the batches table. Partition and identity values are written
     only once trusted: a batch refused at claim may carry anything a site typed."""
-    try:
-        protocol = load_protocol(worklist.protocol_id)
-    except ProtocolError:
-        protocol = None
-    trusted = protocol is not None and worklist.site_id in protocol.sites
+    protocol = _known_protocol(worklist.protocol_id)
     first = ledger.state_times(home, worklist.batch_id)
     times = {
         "uploaded_at": (ledger.batch_row(home, worklist.batch_id) or {}).get("uploaded_at"),
@@ -670,8 +666,9 @@ def _write_batch_row(
         "finished_at": first.get(state.value),
     }
     row = rows.batch_row(worklist, protocol, state.value, records, times, __version__)
-    protocol_part = worklist.protocol_id if trusted else tables.UNKNOWN
-    site_part = worklist.site_id if trusted else tables.UNKNOWN
+    trusted = rows.trusted(worklist, protocol)
+    protocol_part = worklist.protocol_id if trusted else UNKNOWN
+    site_part = worklist.site_id if trusted else UNKNOWN
     tables.write_batch(home, "batches", protocol_part, site_part, worklist.batch_id, [row])
 
 

@@ -239,6 +239,12 @@ def finding_rows(worklist: Worklist, versions: dict[str, str]) -> list[dict[str,
     ]
 
 
+def trusted(worklist: Worklist, protocol: Protocol | None) -> bool:
+    """Whether the batch's protocol and site may be written: a known protocol, one of its
+    sites (a batch refused at claim may carry anything a site typed)."""
+    return protocol is not None and worklist.site_id in protocol.sites
+
+
 def batch_row(
     worklist: Worklist,
     protocol: Protocol | None,
@@ -251,7 +257,7 @@ def batch_row(
     known protocol; identity values are kept only once trusted (a batch refused at claim
     may carry anything a site typed). ``times``: uploaded_at, claimed_at, finished_at, as
     the ledger first recorded them, so rewriting the row gives the same row."""
-    trusted = protocol is not None and worklist.site_id in protocol.sites
+    known = trusted(worklist, protocol)
     enrolled = worklist.arm is not None
     claimed, finished = times.get("claimed_at"), times.get("finished_at")
     by = {d: [r for r in records if r.disposition == d] for d in Disposition}
@@ -259,9 +265,7 @@ def batch_row(
         "batch_id": worklist.batch_id,
         "subject_id": worklist.subject_id if enrolled else None,
         "arm": worklist.arm if enrolled else None,
-        "visit": worklist.visit
-        if trusted and protocol and worklist.visit in protocol.visit_ids
-        else None,
+        "visit": worklist.visit if known and worklist.visit in protocol.visit_ids else None,
         "state": state,
         "reason": worklist.batch_reason,
         "files": len(records),

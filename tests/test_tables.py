@@ -237,16 +237,12 @@ def _worklist_that_travelled(tmp_path):
 def test_every_table_accepts_the_rows_the_pipeline_builds(home, protocol, tmp_path):
     """The row builders the tasks use, on rows that travelled as JSON, fill every column
     of every table (no column left out, none made up) and write with the pinned schema."""
-    from pipeline.ledger import FileRecord
-    from pipeline.reasons import Disposition
+    from pipeline.batch import _record
 
     worklist = _worklist_that_travelled(tmp_path)
     versions = {"recipe_version": protocol.recipe_version, "code_version": "c"}
     instances = rows.instance_rows(worklist, versions)
-    records = [
-        FileRecord(e.file_no, e.sha256, e.size, Disposition.ARCHIVED, None, None, e.sha256_out)
-        for e in worklist.files
-    ]
+    records = [_record(worklist, e) for e in worklist.files]  # as finalize records them
     claimed = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     times = {
         "uploaded_at": claimed - dt.timedelta(minutes=5),
@@ -277,7 +273,8 @@ def test_every_table_accepts_the_rows_the_pipeline_builds(home, protocol, tmp_pa
     assert series["instances"] == 2 and series["total_bytes"] == 240
     (row,) = read["batches"]
     assert (row["claimed_at"], row["processing_seconds"]) == (claimed, 90.0)
-    assert (row["archived"], row["flagged"], row["visit"]) == (4, 0, "BASELINE")
+    # All four archived; file 1, whose finding flags it, counted as flagged.
+    assert (row["archived"], row["flagged"], row["visit"]) == (4, 1, "BASELINE")
     (finding,) = read["qc_findings"]
     assert (finding["file_no"], finding["action"]) == (1, "flag")
     assert finding["sop_instance_uid"] == worklist.files[1].sop_uid
