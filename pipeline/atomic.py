@@ -104,3 +104,24 @@ def move_file(source: Path, target: Path) -> None:
         # Different filesystems: copy atomically, then drop the source.
         copy_file(source, target)
         source.unlink()
+
+
+def create_secret(target: Path, text: str) -> str:
+    """Make the owner-only file ``target`` holding ``text`` unless it exists; return what
+    it holds. Written under a temporary name, flushed, then linked into place: no reader
+    ever sees it half-written (or left empty by a full disk), and of two processes creating
+    it at once the first link wins and both return that one's text."""
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_name(target)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            with contextlib.suppress(FileExistsError):  # another process was first
+                os.link(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target.read_text()

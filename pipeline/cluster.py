@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pipeline import atomic
 from pipeline.embedded import (
     INGEST_POOL,
     SIMPLE_AUTH_MANAGER,
@@ -107,12 +108,8 @@ class Cluster:
         """The API user's password, in the file the simple auth manager reads (owner-only)."""
         path = self.home.restricted / "secrets" / "airflow-passwords.json"
         self.env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] = str(path)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                json.dump({API_USER: secrets.token_urlsafe(24)}, handle)
-        return str(json.loads(path.read_text())[API_USER])
+        made = json.dumps({API_USER: secrets.token_urlsafe(24)})
+        return str(json.loads(atomic.create_secret(path, made))[API_USER])
 
     def airflow(self, *args: str, timeout: float = 300) -> str:
         """Run one ``airflow`` CLI command with the cluster's configuration; its output."""

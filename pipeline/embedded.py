@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline import atomic
 from pipeline.home import DataHome, dags_dir
 from pipeline.settings import ingest_slots
 
@@ -58,16 +59,7 @@ def free_port() -> int:
 def jwt_secret(home: DataHome) -> str:
     """The secret Airflow's components sign their JWTs with, made once per data home."""
     path = home.restricted / "secrets" / "airflow-jwt"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_urlsafe(64))
-    return path.read_text().strip()
+    return atomic.create_secret(path, secrets.token_urlsafe(64)).strip()
 
 
 def airflow_env(home: DataHome, port: int) -> dict[str, str]:

@@ -1,6 +1,7 @@
-"""``python -m pipeline.preload COMPONENT ARGS...``: run an Airflow component (the
-scheduler of the embedded mode, a Celery worker) with the modules trialpipe's tasks import
-already loaded.
+"""``python -m pipeline.preload COMPONENT ARGS...``: run an Airflow component with the
+modules trialpipe's tasks import already loaded. The embedded mode's scheduler runs this
+way; the Celery deployment's workers do not (yet): their task processes still import the
+pipeline themselves.
 
 Airflow forks each task process from the component (the LocalExecutor's workers from the
 scheduler, the supervisor's task runner from them), so a task starts with pydicom, deid,
@@ -23,6 +24,7 @@ def preload() -> None:
 
 
 def main() -> None:
+    """Preload, then run ``airflow`` with this command's arguments."""
     preload()
     from airflow.__main__ import main as airflow_main
 

@@ -9,7 +9,6 @@ mapping.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -18,6 +17,7 @@ import secrets
 from functools import lru_cache
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.home import DataHome
 
 
@@ -42,28 +42,12 @@ def _read_or_create(path: Path) -> bytes:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(path.parent, 0o700)
-        _create(path)
-    key = bytes.fromhex(path.read_text().strip())
+    # Created once: no reader ever sees a key half-written (or left empty by a full disk),
+    # and of two processes creating it at once both read the first one's key.
+    key = bytes.fromhex(atomic.create_secret(path, secrets.token_hex(32) + "\n").strip())
     if len(key) < 32:
         raise ValueError(f"trial secret {path} is too short")
     return key
-
-
-def _create(path: Path) -> None:
-    """Write a new key under a temporary name, then link it into place: no reader ever
-    sees a key half-written (or left empty by a full disk), and of two processes creating
-    it at once the first link wins and the other reads that key."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        with contextlib.suppress(FileExistsError):  # another process was first: read theirs
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def keyed_digest(key: bytes, purpose: str, value: str) -> bytes:
