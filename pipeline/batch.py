@@ -35,7 +35,7 @@ from pipeline import (
     tables,
     zipped,
 )
-from pipeline.dicomio import read_upload, write_dicom
+from pipeline.dicomio import UNDECODABLE, read_upload, write_dicom
 from pipeline.enrollment import lookup
 from pipeline.home import DataHome, safe_relative
 from pipeline.protocol import Limits, Protocol, ProtocolError, load_protocol
@@ -275,8 +275,6 @@ class _Deidentified:
 
 
 def _deidentify_file(entry: FileEntry) -> _Deidentified:
-    from pipeline.deidentify import BurnedInAnnotationError, DeidentificationError, burned_in_risk
-
     job: _DeidJob = parallel.context()
     done = _Deidentified(entry)
     source = original_path(job.home, job.batch_id, entry)
@@ -290,11 +288,25 @@ def _deidentify_file(entry: FileEntry) -> _Deidentified:
     if entry.sha256 and hashlib.sha256(data).hexdigest() != entry.sha256:
         entry.refuse(Reason.CHECKSUM_MISMATCH)
         return done
+    try:
+        return _deidentify_data(job, done, data)
+    except UNDECODABLE as error:
+        # pydicom parsed the file, but an element of it cannot be decoded (a corrupt VR or
+        # value). Only the error's type is kept: its message can quote the value.
+        _staged(job.home, job.batch_id, entry.file_no).unlink(missing_ok=True)
+        entry.refuse(Reason.DEID_FAILED, f"an element cannot be decoded ({type(error).__name__})")
+        return done
+
+
+def _deidentify_data(job: _DeidJob, done: _Deidentified, data: bytes) -> _Deidentified:
+    from pipeline.deidentify import BurnedInAnnotationError, DeidentificationError, burned_in_risk
+
+    entry = done.entry
     read = read_upload(data)
     if read.dataset is not None and read.pixels is not None and burned_in_risk(read.dataset):
         read = read_upload(data, keep_pixels_apart=False)  # cleaning needs the pixels
     if read.reason or read.dataset is None:
-        entry.refuse(read.reason or Reason.NOT_DICOM)
+        entry.refuse(read.reason or Reason.NOT_DICOM, read.detail)
         return done
     ds = read.dataset
     done.fingerprint = patient_fingerprint(
@@ -317,10 +329,15 @@ def _deidentify_file(entry: FileEntry) -> _Deidentified:
         atomic.write_with(
             staged, lambda tmp: written.append(write_dicom(ds, tmp, read.pixels)), durable=False
         )
-    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as error:
+    except UNDECODABLE as error:
         # pydicom read the file but cannot encode it again (a malformed original).
         entry.refuse(Reason.DEID_FAILED, f"cannot be written as DICOM ({type(error).__name__})")
         return done
+    # The table row and the required tags come from the de-identified dataset just
+    # written (its file meta as written), so validate and write_tables need not parse the
+    # file again; the file counts as staged only once they are taken.
+    row = rows.instance_row(ds, job.anchor, read.pixels is not None or "PixelData" in ds)
+    required = rows.tag_values(ds, job.required)
     entry.staged = str(staged.relative_to(job.home.claimed_batch(job.batch_id)))
     entry.sha256_out, entry.size_out = written[-1]
     entry.sop_uid, entry.study_uid, entry.series_uid = (
@@ -328,11 +345,8 @@ def _deidentify_file(entry: FileEntry) -> _Deidentified:
         outcome.study_uid,
         outcome.series_uid,
     )
-    # The table row and the required tags come from the de-identified dataset just
-    # written, so validate and write_tables need not parse the file again.
-    row = rows.instance_row(ds, job.anchor, read.pixels is not None or "PixelData" in ds)
     entry.row = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
-    entry.required = rows.tag_values(ds, job.required)
+    entry.required = required
     done.crosswalk, done.identifying = outcome.crosswalk, outcome.identifying
     return done
 

@@ -59,6 +59,23 @@ logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
 
 
+# What pydicom raises for an element it read but cannot decode (a corrupt VR, a value
+# that does not parse) or encode again, however deep in the dataset: the error of one
+# file, never of the run.
+UNDECODABLE: tuple[type[Exception], ...] = (
+    NotImplementedError,
+    ValueError,
+    LookupError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    EOFError,
+    struct.error,
+)
+
+_UNKNOWN_SYNTAX = "transfer syntax not supported"
+
+
 @dataclass(frozen=True)
 class ReadResult:
     """A parsed file, or the reason it cannot be; ``pixels`` is the pixel data element as
@@ -140,6 +157,8 @@ def _parse(
             return _read_without_preamble(handle, size, stop_before_pixels)
         except (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
             return _Parsed(None, _broken(handle))
+    if _unknown_syntax(ds):
+        return _Parsed(None, Reason.NOT_DICOM, _UNKNOWN_SYNTAX)
     offset, encoded = handle.tell(), dict(ds._dict)
     if not complete:
         uid = str(ds.get("SOPInstanceUID", "") or "").strip()
@@ -157,7 +176,17 @@ def _read_without_preamble(handle: BinaryIO, size: int, stop_before_pixels: bool
         return _Parsed(None, Reason.NOT_DICOM)
     if "SOPClassUID" not in ds and "SOPInstanceUID" not in ds:
         return _Parsed(None, Reason.NOT_DICOM)
+    if _unknown_syntax(ds):
+        return _Parsed(None, Reason.NOT_DICOM, _UNKNOWN_SYNTAX)
     return _checked(ds, handle, size, stop_before_pixels, dict(ds._dict))
+
+
+def _unknown_syntax(ds: FileDataset) -> bool:
+    """The file meta names a transfer syntax pydicom does not know (a vendor's private
+    one): how the data set is encoded, and so how to write it again, is unknown."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    return syntax is not None and not UID(syntax).is_transfer_syntax
 
 
 def _checked(

@@ -3,11 +3,13 @@
 import io
 import json
 import shutil
+import struct
 import zipfile
 
 import pytest
 import yaml
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from pipeline import batch, intake, ledger
 from pipeline.home import REPO_ROOT
@@ -237,3 +239,53 @@ def test_a_zip_that_is_not_really_one_is_refused_with_a_reason(enrolled, trial, 
     process(enrolled, batch_id)
     quarantined, state = outcome(enrolled, batch_id)
     assert quarantined == {"broken.zip": "unsafe_archive"} and state == "done"
+
+
+def _with_corrupt_vr(data, keyword):
+    """``data`` (explicit VR) with the VR of ``keyword``'s element replaced by one no
+    standard defines, as a damaged header has it."""
+    tag = tag_for_keyword(keyword)
+    header = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + dictionary_VR(tag).encode()
+    at = data.index(header)
+    return data[: at + 4] + b"ZZ" + data[at + 6 :]
+
+
+def test_files_of_an_unknown_transfer_syntax_or_a_corrupt_vr_are_refused_alone(
+    enrolled, trial, tmp_path
+):
+    planned = trial.batches[2]
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    source = dcmread(sorted((planned.folder / "CT").glob("*.dcm"))[0])
+    source.file_meta.TransferSyntaxUID = "1.2.840.113619.5.2"  # GE private: not pydicom's
+    source.save_as(odd / "private_syntax.dcm")
+    good = sorted((planned.folder / "MR").glob("*.dcm"))[0]
+    (odd / "corrupt_vr.dcm").write_bytes(_with_corrupt_vr(good.read_bytes(), "SliceThickness"))
+    batch_id, uploaded = stage(enrolled, planned, [planned.folder, odd])
+    process(enrolled, batch_id)
+    quarantined, state = outcome(enrolled, batch_id)
+    assert state == "done"
+    assert quarantined == {
+        "odd/private_syntax.dcm": "not_dicom",
+        "odd/corrupt_vr.dcm": "deid_failed",
+    }
+    assert ledger.batch_row(enrolled, batch_id)["archived"] == files_in([planned.folder])
+    assert_accounted(enrolled, uploaded)
+    details = {
+        item["path"]: item["detail"]
+        for item in json.loads(
+            (enrolled.quarantined_batch(batch_id) / "quarantine.json").read_text()
+        )["files"]
+    }
+    assert details == {
+        "odd/private_syntax.dcm": "transfer syntax not supported",
+        "odd/corrupt_vr.dcm": "an element cannot be decoded (NotImplementedError)",
+    }
+    phi = {
+        value.lower()
+        for ds in (source, dcmread(good))
+        for value in [*str(ds.PatientName).split("^"), str(ds.PatientID)]
+        if len(value) > 1  # a middle initial is in many words
+    }
+    recorded = " ".join(row["detail"] or "" for row in ledger.file_rows(enrolled, batch_id))
+    assert phi and not [value for value in phi if value in recorded.lower()]

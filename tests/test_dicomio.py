@@ -57,7 +57,23 @@ def _bad_files(tmp_path: Path) -> list[Path]:
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     del ds.SOPInstanceUID
     ds.save_as(tmp_path / "nouid.dcm")
-    return [tmp_path / name for name in made] + [tmp_path / "nouid.dcm"]
+    return [tmp_path / name for name in made] + [tmp_path / "nouid.dcm", _private_syntax(tmp_path)]
+
+
+def _private_syntax(tmp_path: Path) -> Path:
+    import pydicom
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.113619.5.2"  # GE private: not pydicom's
+    ds.save_as(tmp_path / "private-syntax.dcm")
+    return tmp_path / "private-syntax.dcm"
+
+
+def test_a_transfer_syntax_pydicom_does_not_know_is_named_not_raised(tmp_path):
+    path = _private_syntax(tmp_path)
+    for read in (read_dicom(path), read_upload(path.read_bytes())):
+        assert (read.dataset, read.reason) == (None, Reason.NOT_DICOM)
+        assert read.detail == "transfer syntax not supported"
 
 
 def test_an_upload_read_in_memory_gets_the_answer_read_dicom_gives(tmp_path):
