@@ -158,7 +158,7 @@ def _parse(
         except (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
             return _Parsed(None, _broken(handle))
     if _unknown_syntax(ds):
-        return _Parsed(None, Reason.NOT_DICOM, _UNKNOWN_SYNTAX)
+        return _Parsed(None, Reason.UNSUPPORTED_TRANSFER_SYNTAX, _UNKNOWN_SYNTAX)
     offset, encoded = handle.tell(), dict(ds._dict)
     if not complete:
         uid = str(ds.get("SOPInstanceUID", "") or "").strip()
@@ -177,7 +177,7 @@ def _read_without_preamble(handle: BinaryIO, size: int, stop_before_pixels: bool
     if "SOPClassUID" not in ds and "SOPInstanceUID" not in ds:
         return _Parsed(None, Reason.NOT_DICOM)
     if _unknown_syntax(ds):
-        return _Parsed(None, Reason.NOT_DICOM, _UNKNOWN_SYNTAX)
+        return _Parsed(None, Reason.UNSUPPORTED_TRANSFER_SYNTAX, _UNKNOWN_SYNTAX)
     return _checked(ds, handle, size, stop_before_pixels, dict(ds._dict))
 
 

@@ -32,6 +32,7 @@ class Reason(StrEnum):
     EMPTY_FILE = "empty_file"
     NOT_DICOM = "not_dicom"
     TRUNCATED = "truncated"
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
     MISSING_SOP_INSTANCE_UID = "missing_sop_instance_uid"
     CHECKSUM_MISMATCH = "checksum_mismatch"
     FILE_MISSING = "file_missing"
@@ -75,6 +76,12 @@ _INFO: dict[Reason, ReasonInfo] = {
         Scope.FILE,
         "The DICOM file ends before its data is complete.",
         "The file was cut off in transfer: re-export it and upload the batch again.",
+    ),
+    Reason.UNSUPPORTED_TRANSFER_SYNTAX: ReasonInfo(
+        Scope.FILE,
+        "The file is encoded in a transfer syntax trialpipe cannot read (a vendor's own).",
+        "Export the image from the scanner or PACS in a standard transfer syntax (e.g. "
+        "Explicit VR Little Endian) and upload it again.",
     ),
     Reason.MISSING_SOP_INSTANCE_UID: ReasonInfo(
         Scope.FILE,

@@ -266,7 +266,7 @@ def test_files_of_an_unknown_transfer_syntax_or_a_corrupt_vr_are_refused_alone(
     quarantined, state = outcome(enrolled, batch_id)
     assert state == "done"
     assert quarantined == {
-        "odd/private_syntax.dcm": "not_dicom",
+        "odd/private_syntax.dcm": "unsupported_transfer_syntax",
         "odd/corrupt_vr.dcm": "deid_failed",
     }
     assert ledger.batch_row(enrolled, batch_id)["archived"] == files_in([planned.folder])

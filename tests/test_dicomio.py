@@ -72,7 +72,7 @@ def _private_syntax(tmp_path: Path) -> Path:
 def test_a_transfer_syntax_pydicom_does_not_know_is_named_not_raised(tmp_path):
     path = _private_syntax(tmp_path)
     for read in (read_dicom(path), read_upload(path.read_bytes())):
-        assert (read.dataset, read.reason) == (None, Reason.NOT_DICOM)
+        assert (read.dataset, read.reason) == (None, Reason.UNSUPPORTED_TRANSFER_SYNTAX)
         assert read.detail == "transfer syntax not supported"
 
 
