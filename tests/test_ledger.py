@@ -234,7 +234,10 @@ def test_processes_starting_on_a_new_ledger_at_once_all_find_it_ready(tmp_path, 
         home = DataHome(tmp_path / "home", url)
         ledger.register_batch(home, "b1", "DEMO-01", "SITE-01", files=1)
         engine = sqlalchemy.create_engine(url)
-        with engine.connect() as conn, pytest.raises(sqlalchemy.exc.DBAPIError):
+        with (
+            engine.connect() as conn,
+            pytest.raises(sqlalchemy.exc.DBAPIError, match="append-only"),
+        ):
             conn.execute(text("UPDATE batches SET files = 2"))
         engine.dispose()
         from pipeline import db
