@@ -6,17 +6,21 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy import Engine, MetaData, Table, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.dml import Insert
 
 
 @lru_cache(maxsize=8)
 def engine(url: str) -> Engine:
     """One engine per URL per process. SQLite gets WAL and a long busy timeout because
-    several Airflow task processes write the same file at once."""
+    several Airflow task processes write the same file at once. Statement parameters are
+    never quoted in an error: they are original UIDs and PHI, and errors reach task logs."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        eng = create_engine(url, connect_args={"timeout": 60})
+        eng = create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)
 
         @event.listens_for(eng, "connect")
         def _pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -27,7 +31,17 @@ def engine(url: str) -> Engine:
             cursor.close()
 
         return eng
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True)
+
+
+def insert_if_absent(conn: Connection, table: Table) -> Insert:
+    """An INSERT into ``table`` that skips each row whose primary key is already there
+    (ON CONFLICT DO NOTHING, on SQLite and PostgreSQL), so writers adding the same rows at
+    once never collide: on PostgreSQL the second waits for the first, then skips."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing(
+        index_elements=list(table.primary_key.columns)
+    )
 
 
 _created: set[tuple[str, int]] = set()

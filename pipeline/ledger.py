@@ -32,7 +32,6 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from pipeline import db
@@ -335,21 +334,14 @@ def reserve_archive_slots(
     wanted = sorted(slots, key=lambda slot: slot.sop_instance_uid)
     if not wanted:
         return {}
-    engine = _engine(home)
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     holders: dict[str, SlotHolder] = {}
-    with engine.begin() as conn:
+    with _engine(home).begin() as conn:
         for start in range(0, len(wanted), _CHUNK):
             rows = [
                 {**asdict(slot), "batch_id": batch_id, "at": _now()}
                 for slot in wanted[start : start + _CHUNK]
             ]
-            conn.execute(
-                dialect.insert(archive_index).on_conflict_do_nothing(
-                    index_elements=[archive_index.c.sop_instance_uid]
-                ),
-                rows,
-            )
+            conn.execute(db.insert_if_absent(conn, archive_index), rows)
         for start in range(0, len(wanted), _CHUNK):
             uids = [slot.sop_instance_uid for slot in wanted[start : start + _CHUNK]]
             for row in conn.execute(

@@ -52,10 +52,23 @@ def release(
     The release is planned before any file moves (``quarantine/<batch>/release.json``: the
     new batch's ID, the files, who and when), and every step after is safe to repeat, so
     a release cut off half-way (a crash, kill -9) is finished by the next release of the
-    same batch, whatever that one asks: the planned files go to the planned batch, none
-    lost, none twice."""
-    plan = _pending(home, batch_id) or _plan(home, batch_id, file_nos, by)
-    return _carry_out(home, batch_id, plan)
+    same batch: the planned files go to the planned batch, none lost, none twice. When
+    that next release asked for files the interrupted one did not hold, it is refused
+    once the interrupted one is finished, naming what was released and what was not, so
+    nothing asked for stays in quarantine unsaid; asking again releases those."""
+    pending = _pending(home, batch_id)
+    if pending is None:
+        return _carry_out(home, batch_id, _plan(home, batch_id, file_nos, by))
+    new_id, count = _carry_out(home, batch_id, pending)
+    finished = sorted(item["file_no"] for item in pending["files"])
+    left = _releasable(home, batch_id) if file_nos is None else file_nos - set(finished)
+    if left:
+        raise ReleaseRefused(
+            f"an interrupted release of batch {batch_id} was finished first: file(s)"
+            f" {finished} went to batch {new_id} (asked by {pending['uploader']});"
+            f" file(s) {sorted(left)} were not released: repeat the request to release them"
+        )
+    return new_id, count
 
 
 PLAN = "release.json"
@@ -87,18 +100,11 @@ def _plan(
         load_protocol(record["protocol_id"])
     except ProtocolError as error:
         raise ReleaseRefused(str(error)) from None
-    current = {
-        row["file_no"]
-        for row in ledger.file_rows(home, batch_id)
-        if row["disposition"] == Disposition.QUARANTINED.value
-    }
-    folder = home.quarantined_batch(batch_id)
+    releasable = _releasable(home, batch_id)
     chosen = [
         {"file_no": item["file_no"], "path": item["path"]}
         for item in record["files"]
-        if item["file_no"] in current
-        and (file_nos is None or item["file_no"] in file_nos)
-        and (folder / intake.FILES / item["path"]).is_file()
+        if item["file_no"] in releasable and (file_nos is None or item["file_no"] in file_nos)
     ]
     if file_nos is not None and {i["file_no"] for i in chosen} != file_nos:
         missing = sorted(file_nos - {i["file_no"] for i in chosen})
@@ -112,15 +118,37 @@ def _plan(
         "uploaded_at": dt.datetime.now(dt.UTC).isoformat(),
         "stage": _MOVING,
     }
-    store.write_json(folder / PLAN, plan)
+    store.write_json(home.quarantined_batch(batch_id) / PLAN, plan)
     return plan
+
+
+def _releasable(home: DataHome, batch_id: str) -> set[int]:
+    """The numbers of the batch's files that are quarantined and held in its folder."""
+    record = quarantine.read_record(home, batch_id)
+    if record is None:
+        return set()
+    current = {
+        row["file_no"]
+        for row in ledger.file_rows(home, batch_id)
+        if row["disposition"] == Disposition.QUARANTINED.value
+    }
+    folder = home.quarantined_batch(batch_id) / intake.FILES
+    return {
+        item["file_no"]
+        for item in record["files"]
+        if item["file_no"] in current and (folder / item["path"]).is_file()
+    }
 
 
 def _carry_out(home: DataHome, batch_id: str, plan: dict[str, Any]) -> tuple[str, int]:
     """Move the planned files into the new batch, record the release on both sides, then
     make the batch READY; each step finds what an interrupted run of it left done."""
     record = quarantine.read_record(home, batch_id)
-    assert record is not None  # the plan was made from it, and it is rewritten, not removed
+    if record is None:  # the plan was made from it, and it is rewritten, never removed
+        raise ReleaseRefused(
+            f"batch {batch_id} has a release plan but no {quarantine.RECORD}: restore it"
+            " from backup, then release again"
+        )
     new_id, chosen, uploader = plan["batch_id"], plan["files"], plan["uploader"]
     folder = home.quarantined_batch(batch_id)
     target = home.batch_upload_dir(record["protocol_id"], record["site_id"], new_id)
@@ -159,6 +187,7 @@ def _carry_out(home: DataHome, batch_id: str, plan: dict[str, Any]) -> tuple[str
         store.write_json(folder / PLAN, plan)
     faults.checkpoint("release_publish")
     _publish(home, new_id, building, target)
+    # The plan is what finishes a cut-off release: it goes only once READY is on disk.
     (folder / PLAN).unlink(missing_ok=True)
     return new_id, len(chosen)
 
@@ -197,7 +226,8 @@ def _record(
         ],
     )
     summary = ledger.batch_row(home, batch_id)
-    assert summary is not None  # the plan was made for a registered batch
+    if summary is None:  # the plan was made for a registered batch
+        raise ReleaseRefused(f"batch {batch_id} has a release plan but is not in the ledger")
     ledger.set_state(
         home,
         batch_id,
@@ -215,15 +245,21 @@ def _record(
 
 
 def _publish(home: DataHome, new_id: str, building: Path, target: store.Location) -> None:
-    """Make the new batch READY in the upload area, unless an earlier attempt did and the
-    ingest has taken it since (claimed, or finalized)."""
+    """Make the new batch READY in the upload area, on disk (or in the store) before
+    this returns, unless an earlier attempt did and the ingest has taken it since
+    (claimed, or finalized)."""
     if home.claimed_batch(new_id).exists() or home.batch_record(new_id).exists():
+        if not store.is_local(target):  # the originals uploaded, their local copy not gone
+            intake.remove_tree(building)
         return
     if store.is_local(target):
+        atomic.sync()  # the moved files and the manifest are on disk before READY says so
         # Created, never written: an empty file appears whole. Its folder is not created
-        # again: a claim that renamed it away meanwhile has the batch.
+        # again (as writing it by a rename would): a claim that renamed it away meanwhile
+        # has the batch.
         with contextlib.suppress(FileNotFoundError):
             os.close(os.open(Path(target) / intake.READY, os.O_WRONLY | os.O_CREAT, 0o644))
+        atomic.sync()  # READY on disk before the plan, which would make it again, goes
     elif building.exists():  # gone once the upload finished
         intake.upload_folder(building, target)
         intake.remove_tree(building)

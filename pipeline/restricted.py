@@ -55,26 +55,19 @@ def store(home: DataHome) -> Engine:
 
 
 def record_crosswalk(home: DataHome, protocol_id: str, entries: dict[tuple[str, str], str]) -> None:
-    """Remember original -> pseudonym pairs (idempotent: a pair is written once)."""
+    """Remember original -> pseudonym pairs (idempotent: a pair is written once).
+
+    Insert-if-absent, so two batches of one upload de-identified at once, both adding the
+    same study and series UIDs, both succeed. Sorted, so two PostgreSQL transactions take
+    their row locks in the same order and never deadlock."""
     if not entries:
         return
-    eng = store(home)
-    with eng.begin() as conn:
-        known = {
-            (r.kind, r.original)
-            for r in conn.execute(
-                select(crosswalk.c.kind, crosswalk.c.original).where(
-                    crosswalk.c.protocol_id == protocol_id
-                )
-            ).all()
-        }
-        fresh = [
-            {"protocol_id": protocol_id, "kind": kind, "original": original, "pseudonym": new}
-            for (kind, original), new in entries.items()
-            if (kind, original) not in known
-        ]
-        if fresh:
-            conn.execute(crosswalk.insert(), fresh)
+    rows = [
+        {"protocol_id": protocol_id, "kind": kind, "original": original, "pseudonym": new}
+        for (kind, original), new in sorted(entries.items())
+    ]
+    with store(home).begin() as conn:
+        conn.execute(db.insert_if_absent(conn, crosswalk), rows)
 
 
 def link_patient(

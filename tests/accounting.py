@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import intake, ledger, tables
+from pipeline import intake, ledger, quarantine, tables
 from pipeline.demo import upload_trial
 from pipeline.home import DataHome
 from pipeline.synth import PlannedBatch, SyntheticTrial
@@ -19,6 +19,11 @@ def files_in(paths: list[Path]) -> int:
     return sum(
         sum(1 for p in path.rglob("*") if p.is_file()) if path.is_dir() else 1 for path in paths
     )
+
+
+def temporary_files(home: DataHome) -> list[Path]:
+    """Temporary files left in the data home or the archive (which may lie outside it)."""
+    return [p for folder in (home.root, home.archive) for p in folder.rglob("*.tmp")]
 
 
 def stage(
@@ -45,8 +50,9 @@ def upload(home: DataHome, trial: SyntheticTrial) -> dict[str, int]:
 
 def assert_accounted(home: DataHome, uploaded: int) -> None:
     """uploaded = archived + quarantined + duplicates; no duplicate archive files, each
-    holding the bytes the ledger names; Parquet rows = archived files; nothing left
-    half-done, nothing left waiting in the inbox."""
+    holding the bytes the ledger names; every quarantined file held in quarantine, every
+    duplicate's bytes archived; Parquet rows = archived files; nothing left half-done,
+    nothing left waiting in the inbox."""
     files = ledger.file_rows(home)
     assert len(files) == uploaded
     assert {f["disposition"] for f in files} <= {"archived", "quarantined", "duplicate"}
@@ -57,7 +63,18 @@ def assert_accounted(home: DataHome, uploaded: int) -> None:
     for f in archived:  # what the ledger says was archived is what the archive holds
         assert intake.sha256_file(home.archive / f["archive_path"]) == f["sha256_out"]
     assert tables.read_table(home, "instances").num_rows == len(archived)
+    for f in files:  # what the ledger says is quarantined, quarantine holds
+        if f["disposition"] == "quarantined":
+            record = quarantine.read_record(home, f["batch_id"])
+            assert record is not None, f"batch {f['batch_id']} has no quarantine record"
+            (held,) = [item for item in record["files"] if item["file_no"] == f["file_no"]]
+            kept = home.quarantined_batch(f["batch_id"]) / intake.FILES / held["path"]
+            assert kept.exists(), f"quarantined file {f['batch_id']}:{f['file_no']} is gone"
+    archived_bytes = {f["sha256_out"] for f in archived}
+    for f in files:  # a duplicate is one of what the archive holds, not a file lost
+        if f["disposition"] == "duplicate":
+            assert f["sha256_out"] in archived_bytes, f"{f['batch_id']}:{f['file_no']}"
     assert intake.ready_batches(home) == [], "a READY batch was left unclaimed"
     assert not any(home.claimed.iterdir()), "a batch was left claimed"
-    assert not [p for p in home.root.rglob("*.tmp")], "a temporary file was left behind"
+    assert not temporary_files(home), "a temporary file was left behind"
     assert all(b["state"] in ("done", "quarantined") for b in ledger.batch_rows(home))

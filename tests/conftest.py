@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 
 from pipeline import enrollment
 from pipeline.home import DataHome, data_home
@@ -13,6 +17,25 @@ from pipeline.protocol import Protocol, load_protocol
 from pipeline.synth import SeriesShape, SyntheticTrial, make_trial
 
 SMALL = SeriesShape(rows=32, columns=32, slices=3)
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"
+
+
+@contextmanager
+def fresh_postgres() -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database, dropped afterwards."""
+    from pipeline import db
+
+    name = f"trialpipe_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(f"{POSTGRES}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{POSTGRES}/{name}"
+    finally:
+        db.engine(f"{POSTGRES}/{name}").dispose()
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from pipeline import batch, db, enrollment, ledger
 from pipeline.home import DataHome, data_home
 from pipeline.synth import SeriesShape, make_series, write_series
-from tests.accounting import assert_accounted, stage, upload
+from tests.accounting import assert_accounted, stage, temporary_files, upload
 
 TRIALPIPE = str(Path(sys.executable).parent / "trialpipe")
 
@@ -201,7 +201,7 @@ def test_a_full_disk_fails_each_task_cleanly_and_the_retry_completes_once_space_
                         batch.run_task(step, batch_id, home)
                     real = failure.value.__context__
                     assert batch._disk_full(real), step  # a write really found no space
-                    assert not [p for p in home.root.rglob("*.tmp")], step
+                    assert not temporary_files(home), step
                 message = str(failure.value)
                 assert "no space left" in message and step in message
                 for value in (str(tmp_path), *trial.phi_values()):

@@ -14,8 +14,7 @@ from pipeline import __version__, batch, intake, ledger
 from pipeline.cli import main
 from pipeline.demo import upload_trial
 from pipeline.home import DataHome
-
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"
+from tests.conftest import POSTGRES, fresh_postgres
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -25,19 +24,8 @@ def any_ledger(request, enrolled):
     if request.param == "sqlite":
         yield enrolled
         return
-    name = f"trialpipe_test_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(f"{POSTGRES}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield DataHome(enrolled.root, f"{POSTGRES}/{name}")
-    finally:
-        from pipeline import db
-
-        db.engine(f"{POSTGRES}/{name}").dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres() as url:
+        yield DataHome(enrolled.root, url)
 
 
 def _process(home, trial):
@@ -103,6 +91,19 @@ def test_the_ledger_refuses_every_update_delete_and_truncate(any_ledger, trial):
             conn.execute(text(statement))
     assert _row_counts(engine) == counts
     assert ledger.trail(any_ledger, batch_id) == before
+
+
+def test_a_database_error_never_quotes_the_statement_values(any_ledger):
+    """A refused statement's error reaches the task log: it names the statement, never
+    the values bound into it (original UIDs, names)."""
+    ledger.register_batch(any_ledger, "b1", "DEMO-01", "SITE-01", files=1)
+    phi = "DOE^JANE 1.2.826.0.1.3680043.2.1125.1.424242"
+    with (
+        pytest.raises(sqlalchemy.exc.DBAPIError, match="append-only") as refused,
+        ledger._engine(any_ledger).begin() as conn,
+    ):
+        conn.execute(text("UPDATE batches SET uploader = :who"), {"who": phi})
+    assert "UPDATE batches" in str(refused.value) and phi not in str(refused.value)
 
 
 def test_the_ledger_records_uploader_upload_time_and_versions(any_ledger, trial, protocol):
@@ -233,7 +234,10 @@ def test_processes_starting_on_a_new_ledger_at_once_all_find_it_ready(tmp_path, 
         home = DataHome(tmp_path / "home", url)
         ledger.register_batch(home, "b1", "DEMO-01", "SITE-01", files=1)
         engine = sqlalchemy.create_engine(url)
-        with engine.connect() as conn, pytest.raises(sqlalchemy.exc.DBAPIError):
+        with (
+            engine.connect() as conn,
+            pytest.raises(sqlalchemy.exc.DBAPIError, match="append-only"),
+        ):
             conn.execute(text("UPDATE batches SET files = 2"))
         engine.dispose()
         from pipeline import db

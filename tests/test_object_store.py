@@ -427,3 +427,50 @@ def test_a_file_the_site_corrupted_in_the_bucket_inbox_is_quarantined_not_stuck(
     assert [f["reason"] for f in refused] == ["checksum_mismatch"]
     assert sum(f["disposition"] == "archived" for f in files.values()) == len(files) - 1
     assert ledger.batch_row(home, batch_id)["state"] == "done"
+
+
+def test_a_release_repeated_after_the_ingest_took_its_batch_leaves_no_originals_behind(
+    s3_inbox_home, protocol, trial, tmp_path, monkeypatch
+):
+    """A release to the bucket inbox cut off after its upload, before it removed its local
+    building folder; the ingest claims the batch; the release repeated removes the folder,
+    so no original stays in ``claimed/.release-<id>/``."""
+    from pipeline import release
+
+    home = s3_inbox_home
+    planned = next(b for b in trial.batches if b.expect == "unenrolled_subject")
+    batch_id = intake.stage_batch(  # by a drop folder, as the client would refuse it
+        home,
+        "DEMO-01",
+        planned.site_id,
+        planned.subject_id,
+        planned.visit,
+        [planned.folder],
+        check=False,
+    )
+    process(home, batch_id)
+    rows = list(csv.reader(trial.enrollment_csv.open()))
+    rows.append([planned.site_id, planned.subject_id, "B", "2025-08-20"])
+    updated = tmp_path / "enrollment.csv"
+    with updated.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    enrollment.import_csv(home, protocol, updated)
+
+    class CutOff(Exception):
+        pass
+
+    def cut_off(folder):
+        raise CutOff
+
+    with monkeypatch.context() as patched:
+        patched.setattr(release.intake, "remove_tree", cut_off)
+        with pytest.raises(CutOff):
+            release.release(home, batch_id)
+    (ready,) = intake.ready_batches(home)
+    building = home.claimed / f".release-{ready.batch_id}"
+    assert any(p.is_file() for p in building.rglob("*"))
+    batch.run_task("claim", ready.batch_id, home)
+    assert release.release(home, batch_id)[0] == ready.batch_id
+    assert not building.exists()
+    process(home, ready.batch_id)
+    assert ledger.batch_row(home, ready.batch_id)["state"] == "done"

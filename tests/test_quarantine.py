@@ -166,3 +166,44 @@ def test_a_release_killed_half_way_is_finished_by_the_next_release(
     assert len(ledger.file_rows(enrolled, new_id)) == len(held)
     assert not list((enrolled.inbox / "DEMO-01").glob("*/*")), "a batch was left in the inbox"
     assert main(["--home", str(enrolled.root), "quarantine", "release", mixed]) == 2
+
+
+def test_a_release_after_an_interrupted_one_finishes_it_and_names_what_it_did_not_release(
+    capsys, processed, enrolled, monkeypatch
+):
+    """`release B:1,2` cut off, then `release B:3`: the first is finished (its files go
+    once, to its batch), and the second is refused, saying file 3 is still held and the
+    request must be repeated, never "released" while file 3 stays in quarantine."""
+    from pipeline import release
+
+    mixed = next(b for b, e in processed.items() if e == "mixed_patients")
+    record = json.loads((enrolled.quarantined_batch(mixed) / "quarantine.json").read_text())
+    (later,) = [f["file_no"] for f in record["files"] if "other_patient" in f["path"]]
+    first = {f["file_no"] for f in record["files"]} - {later}
+
+    class CutOff(Exception):
+        pass
+
+    def cut_off(point):
+        if point == "release_moves":
+            raise CutOff
+
+    with monkeypatch.context() as patched:
+        patched.setattr(release.faults, "checkpoint", cut_off)
+        with pytest.raises(CutOff):
+            release.release(enrolled, mixed, first)
+    planned = json.loads((enrolled.quarantined_batch(mixed) / "release.json").read_text())
+
+    code, out, err = cli(capsys, enrolled, "quarantine", "release", f"{mixed}:{later}")
+    assert code == 2 and "released" not in out
+    assert "interrupted release" in err and planned["batch_id"] in err
+    assert f"[{later}] were not released" in err and "repeat" in err
+    rows = {f["file_no"]: f for f in ledger.file_rows(enrolled, mixed)}
+    assert {n for n, f in rows.items() if f["disposition"] == "released"} == first
+    assert rows[later]["disposition"] == "quarantined"
+    assert [b.batch_id for b in ready_batches(enrolled)] == [planned["batch_id"]]
+
+    code, out, _ = cli(capsys, enrolled, "quarantine", "release", f"{mixed}:{later}")
+    assert code == 0 and out.startswith(f"released 1 file(s) of {mixed}")
+    process_all(enrolled)
+    assert {f["disposition"] for f in ledger.file_rows(enrolled, mixed)} == {"released"}
