@@ -67,7 +67,7 @@ def library(home: Path, batch_id: str) -> int:
 
     data = data_home(home)
     batch.run_in_process(data, batch_id)
-    row = ledger.batch_row(data, batch_id)
+    row = ledger.batch_summary(data, batch_id)
     assert row is not None and row["state"] == "done", row
     return int(row["files"])
 

@@ -658,7 +658,7 @@ def refresh_batch_counts(home: DataHome, batch_id: str) -> None:
 
     data = tables.read_table(home, "batches")
     matching = data.filter(pc.equal(data["batch_id"], batch_id)).to_pylist()
-    summary = ledger.batch_row(home, batch_id)
+    summary = ledger.batch_summary(home, batch_id)
     if not matching or summary is None:
         return
     row = matching[0]
@@ -675,7 +675,7 @@ def _write_batch_row(
     protocol = _known_protocol(worklist.protocol_id)
     first = ledger.state_times(home, worklist.batch_id)
     times = {
-        "uploaded_at": (ledger.batch_row(home, worklist.batch_id) or {}).get("uploaded_at"),
+        "uploaded_at": (ledger.batch_summary(home, worklist.batch_id) or {}).get("uploaded_at"),
         "claimed_at": first.get(BatchState.PROCESSING.value),
         "finished_at": first.get(state.value),
     }

@@ -215,7 +215,7 @@ STATUS_COLUMNS = (
 def cmd_status(home: DataHome, args: argparse.Namespace) -> int:
     from pipeline import ledger
 
-    rows = [{c: row[c] for c in STATUS_COLUMNS} for row in ledger.batch_rows(home)]
+    rows = [{c: row[c] for c in STATUS_COLUMNS} for row in ledger.batch_summaries(home)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

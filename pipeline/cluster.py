@@ -16,15 +16,14 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from pipeline import atomic
 from pipeline.embedded import (
+    AIRFLOW,
     INGEST_POOL,
     SIMPLE_AUTH_MANAGER,
     Components,
@@ -114,7 +113,7 @@ class Cluster:
     def airflow(self, *args: str, timeout: float = 300) -> str:
         """Run one ``airflow`` CLI command with the cluster's configuration; its output."""
         result = subprocess.run(
-            [str(Path(sys.executable).parent / "airflow"), *args],
+            [AIRFLOW, *args],
             env=self.env,
             capture_output=True,
             text=True,

@@ -81,7 +81,7 @@ def summary(home: DataHome, runs: dict[str, str]) -> str:
     and one arm comparison computed with DuckDB from the Parquet tables."""
     from pipeline.query import format_table, run
 
-    batches = ledger.batch_rows(home)
+    batches = ledger.batch_summaries(home)
     files = ledger.file_rows(home)
     states = Counter(b["state"] for b in batches)
     reasons = Counter(f["reason"] for f in files if f["disposition"] == "quarantined")

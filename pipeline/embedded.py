@@ -49,6 +49,10 @@ class EmbeddedAirflowError(RuntimeError):
     start or did not finish in time."""
 
 
+# This environment's `airflow` command: every component runs with this interpreter's packages.
+AIRFLOW = str(Path(sys.executable).parent / "airflow")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as sock:
@@ -162,7 +166,7 @@ class Components:
     """
 
     def __init__(self, home: DataHome, env: dict[str, str], program: str | None = None) -> None:
-        self.program = program or str(Path(sys.executable).parent / "airflow")
+        self.program = program or AIRFLOW
         self.env = {**os.environ, **env}
         self.logs = home.airflow / "process-logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -462,9 +466,8 @@ def serve_ui(home: DataHome, port: int = 8080) -> int:
     """Serve Airflow's UI and REST API for this data home until interrupted."""
     env = _configure(home, port)
     _migrate()
-    airflow = str(Path(sys.executable).parent / "airflow")
     print(f"Airflow UI: http://127.0.0.1:{port}/  (Ctrl-C to stop)")
     return subprocess.call(
-        [airflow, "api-server", "--host", "127.0.0.1", "--port", str(port)],
+        [AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(port)],
         env={**os.environ, **env},
     )

@@ -400,13 +400,13 @@ def _summaries(conn: Connection, batch_id: str | None = None) -> list[dict[str, 
     return result
 
 
-def batch_rows(home: DataHome) -> list[dict[str, Any]]:
+def batch_summaries(home: DataHome) -> list[dict[str, Any]]:
     """One current summary per batch, with file counts by disposition, oldest first."""
     with _engine(home).connect() as conn:
         return _summaries(conn)
 
 
-def batch_row(home: DataHome, batch_id: str) -> dict[str, Any] | None:
+def batch_summary(home: DataHome, batch_id: str) -> dict[str, Any] | None:
     """The current summary of one batch (times as UTC-aware datetimes)."""
     with _engine(home).connect() as conn:
         rows = _summaries(conn, batch_id)

@@ -80,7 +80,7 @@ def listing(home: DataHome, site_id: str | None = None) -> list[dict[str, Any]]:
     batch's site and, once confirmed, subject and visit; never a file name."""
     from pipeline import ledger
 
-    batches = {row["batch_id"]: row for row in ledger.batch_rows(home)}
+    batches = {row["batch_id"]: row for row in ledger.batch_summaries(home)}
     found = []
     for row in ledger.file_rows(home):
         batch = batches.get(row["batch_id"], {})

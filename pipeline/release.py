@@ -88,7 +88,7 @@ def _plan(
 ) -> dict[str, Any]:
     """Check the release may go ahead, choose its files and save the plan."""
     record = quarantine.read_record(home, batch_id)
-    summary = ledger.batch_row(home, batch_id)
+    summary = ledger.batch_summary(home, batch_id)
     if record is None or summary is None:
         raise ReleaseRefused(f"batch {batch_id} has nothing in quarantine")
     if summary["protocol_id"] == "unknown":
@@ -225,7 +225,7 @@ def _record(
             for item in plan["files"]
         ],
     )
-    summary = ledger.batch_row(home, batch_id)
+    summary = ledger.batch_summary(home, batch_id)
     if summary is None:  # the plan was made for a registered batch
         raise ReleaseRefused(f"batch {batch_id} has a release plan but is not in the ledger")
     ledger.set_state(

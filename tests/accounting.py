@@ -77,4 +77,4 @@ def assert_accounted(home: DataHome, uploaded: int) -> None:
     assert intake.ready_batches(home) == [], "a READY batch was left unclaimed"
     assert not any(home.claimed.iterdir()), "a batch was left claimed"
     assert not temporary_files(home), "a temporary file was left behind"
-    assert all(b["state"] in ("done", "quarantined") for b in ledger.batch_rows(home))
+    assert all(b["state"] in ("done", "quarantined") for b in ledger.batch_summaries(home))

@@ -96,7 +96,7 @@ def test_an_empty_file_and_a_dicom_without_sop_instance_uid_among_good_files_are
         "odd/no_uid.dcm": "missing_sop_instance_uid",
     }
     good = files_in([planned.folder])
-    assert ledger.batch_row(enrolled, batch_id)["archived"] == good == uploaded - 2
+    assert ledger.batch_summary(enrolled, batch_id)["archived"] == good == uploaded - 2
     assert_accounted(enrolled, uploaded)
 
 
@@ -109,7 +109,7 @@ def test_a_zip_of_images_is_expanded_and_its_members_archived(enrolled, trial, t
     process(enrolled, batch_id)
     quarantined, state = outcome(enrolled, batch_id)
     assert quarantined == {"study.zip.unzipped/notes.txt": "not_dicom"} and state == "done"
-    row = ledger.batch_row(enrolled, batch_id)
+    row = ledger.batch_summary(enrolled, batch_id)
     assert row["archived"] == len(members) - 1 + len(list((planned.folder / "MR").iterdir()))
     kept = enrolled.originals(batch_id) / "files"
     assert (kept / "study.zip").is_file()  # the upload itself is kept with the originals
@@ -161,7 +161,7 @@ def test_odd_file_names_are_processed_and_never_leave_the_boundary(enrolled, tri
         shutil.copy(source, odd / name)
     batch_id = _stage(enrolled, planned, [odd])
     process(enrolled, batch_id)
-    row = ledger.batch_row(enrolled, batch_id)
+    row = ledger.batch_summary(enrolled, batch_id)
     assert (row["archived"], row["quarantined"]) == (len(names), 0)
     kept = {p.name for p in (enrolled.originals(batch_id) / "files" / "odd").iterdir()}
     assert kept == set(names)
@@ -179,7 +179,7 @@ def test_a_ready_marker_without_a_manifest_quarantines_the_batch(enrolled, trial
     quarantined, state = outcome(enrolled, batch_id)
     assert state == "quarantined" and set(quarantined.values()) == {"manifest_invalid"}
     assert len(quarantined) == len(list(planned.folder.rglob("*.dcm")))
-    assert ledger.batch_row(enrolled, batch_id)["protocol_id"] == "unknown"
+    assert ledger.batch_summary(enrolled, batch_id)["protocol_id"] == "unknown"
 
 
 @pytest.mark.parametrize(
@@ -269,7 +269,7 @@ def test_files_of_an_unknown_transfer_syntax_or_a_corrupt_vr_are_refused_alone(
         "odd/private_syntax.dcm": "unsupported_transfer_syntax",
         "odd/corrupt_vr.dcm": "deid_failed",
     }
-    assert ledger.batch_row(enrolled, batch_id)["archived"] == files_in([planned.folder])
+    assert ledger.batch_summary(enrolled, batch_id)["archived"] == files_in([planned.folder])
     assert_accounted(enrolled, uploaded)
     details = {
         item["path"]: item["detail"]

@@ -27,7 +27,7 @@ def processed(enrolled, trial):
 
 
 def test_every_file_is_archived_quarantined_or_a_duplicate(processed, enrolled):
-    for row in ledger.batch_rows(enrolled):
+    for row in ledger.batch_summaries(enrolled):
         assert row["files"] == row["archived"] + row["quarantined"] + row["duplicates"]
         assert row["state"] in ("done", "quarantined")
     archived = [f for f in ledger.file_rows(enrolled) if f["disposition"] == "archived"]
@@ -39,7 +39,7 @@ def test_every_file_is_archived_quarantined_or_a_duplicate(processed, enrolled):
 def test_bad_files_are_quarantined_with_reasons_and_the_rest_archived(processed, enrolled, trial):
     first = next(
         b
-        for b in ledger.batch_rows(enrolled)
+        for b in ledger.batch_summaries(enrolled)
         if b["subject_id"] == trial.batches[0].subject_id and b["visit"] == "BASELINE"
     )
     assert first["state"] == "done" and first["quarantined"] == 2 and first["archived"] > 0
@@ -55,7 +55,8 @@ def test_bad_files_are_quarantined_with_reasons_and_the_rest_archived(processed,
 
 def test_batch_level_problems_quarantine_the_whole_batch(processed, enrolled):
     states = {
-        b["batch_id"]: (b["state"], b["reason"], b["archived"]) for b in ledger.batch_rows(enrolled)
+        b["batch_id"]: (b["state"], b["reason"], b["archived"])
+        for b in ledger.batch_summaries(enrolled)
     }
     for batch_id, expect in processed.items():
         if expect == "done":
@@ -75,7 +76,7 @@ def test_a_follow_up_of_another_patient_is_quarantined(
         enrolled, "DEMO-01", wrong.site_id, subject, "WEEK24", [wrong.folder]
     )
     process(enrolled, batch_id)
-    row = ledger.batch_row(enrolled, batch_id)
+    row = ledger.batch_summary(enrolled, batch_id)
     assert (row["state"], row["reason"]) == ("quarantined", "patient_mismatch")
 
 
@@ -147,7 +148,7 @@ def test_rerunning_every_task_of_a_batch_changes_nothing(enrolled, trial, monkey
     outputs = _outputs(enrolled, batch_id)
     batch.run_task("finalize", batch_id, enrolled)
     assert _outputs(enrolled, batch_id) == outputs
-    assert ledger.batch_row(enrolled, batch_id)["state"] == "done"
+    assert ledger.batch_summary(enrolled, batch_id)["state"] == "done"
     assert_accounted(enrolled, uploaded)
 
 
@@ -174,7 +175,7 @@ def test_two_batches_of_the_same_upload_deciding_at_once_archive_each_instance_o
     planned = trial.batches[1]
     staged = [stage(enrolled, planned) for _ in range(2)]
     _interleaved(enrolled, [batch_id for batch_id, _ in staged])
-    first, second = (ledger.batch_row(enrolled, batch_id) for batch_id, _ in staged)
+    first, second = (ledger.batch_summary(enrolled, batch_id) for batch_id, _ in staged)
     assert first["archived"] > 0 and second["archived"] == 0
     assert second["duplicates"] == first["archived"]
     assert first["quarantined"] == second["quarantined"] == 1  # the QC refusal, in each
@@ -220,7 +221,7 @@ def test_the_same_file_twice_in_one_upload_is_archived_once_and_recorded_as_a_du
     again = sorted((planned.folder / "CT").glob("*.dcm"))[0]
     batch_id, uploaded = stage(enrolled, planned, [planned.folder, again])
     process(enrolled, batch_id)
-    row = ledger.batch_row(enrolled, batch_id)
+    row = ledger.batch_summary(enrolled, batch_id)
     assert (row["archived"], row["duplicates"], row["quarantined"]) == (uploaded - 1, 1, 0)
     (duplicate,) = [
         f for f in ledger.file_rows(enrolled, batch_id) if f["disposition"] == "duplicate"
@@ -242,7 +243,7 @@ def test_two_files_of_one_upload_with_one_instance_and_other_content_are_a_confl
     assert refused["detail"] == "differs from another file of this batch"
     record = json.loads((enrolled.quarantined_batch(batch_id) / "quarantine.json").read_text())
     assert [f["path"] for f in record["files"]] == [one.name]  # the later, changed copy
-    assert ledger.batch_row(enrolled, batch_id)["archived"] == uploaded - 1
+    assert ledger.batch_summary(enrolled, batch_id)["archived"] == uploaded - 1
     assert_accounted(enrolled, uploaded)
 
 
@@ -261,8 +262,8 @@ def test_the_same_batch_uploaded_twice_is_recorded_as_duplicates(enrolled, trial
     ]
     for batch_id in ids:
         process(enrolled, batch_id)
-    first, second = (ledger.batch_row(enrolled, i) for i in ids)
-    counts = {r["batch_id"]: r for r in ledger.batch_rows(enrolled)}
+    first, second = (ledger.batch_summary(enrolled, i) for i in ids)
+    counts = {r["batch_id"]: r for r in ledger.batch_summaries(enrolled)}
     assert counts[ids[0]]["archived"] == counts[ids[1]]["duplicates"] > 0
     assert counts[ids[1]]["archived"] == 0
     assert len(list(enrolled.archive.rglob("*.dcm"))) == counts[ids[0]]["archived"]
@@ -288,7 +289,7 @@ def test_a_manifest_naming_an_unknown_site_quarantines_the_batch(enrolled, trial
     manifest["site_id"] = "SITE-77"
     manifest_path.write_text(json.dumps(manifest))
     process(enrolled, batch_id)
-    row = ledger.batch_row(enrolled, batch_id)
+    row = ledger.batch_summary(enrolled, batch_id)
     assert (row["state"], row["reason"]) == ("quarantined", "manifest_invalid")
 
 

@@ -86,4 +86,4 @@ def test_in_a_batch_the_refused_image_is_quarantined_as_burned_in(enrolled, tria
         batch.run_task(step, batch_id, enrolled)
     reasons = {f["reason"] for f in ledger.file_rows(enrolled, batch_id) if f["reason"]}
     assert reasons == {"burned_in_annotation"}
-    assert ledger.batch_row(enrolled, batch_id)["state"] == "done"
+    assert ledger.batch_summary(enrolled, batch_id)["state"] == "done"

@@ -258,7 +258,7 @@ def test_archive_tables_and_ledger_hold_exactly_what_was_uploaded(deployment):
     assert sorted(batches) == sorted(expected)
     # The ledger is on PostgreSQL ($TRIALPIPE_LEDGER_URL), written by the Celery worker.
     assert home.ledger_url.startswith("postgresql")
-    for row in ledger.batch_rows(home):
+    for row in ledger.batch_summaries(home):
         assert row["state"] == "done"
         assert (row["archived"], row["quarantined"]) == expected[row["batch_id"]]
         assert {f["dag_run_id"] for f in ledger.file_rows(home, row["batch_id"])} == {

@@ -105,7 +105,7 @@ def test_upload_refusals_are_clear_and_nonzero(
         str(planned.folder),
     )
     assert code == 2 and out == "" and message in err and "Traceback" not in err
-    assert ledger.batch_rows(enrolled) == []
+    assert ledger.batch_summaries(enrolled) == []
 
 
 def test_run_with_nothing_ready_says_so(capsys, home):
@@ -159,7 +159,7 @@ def test_deid_dry_run_writes_deidentified_files_and_a_report_and_no_archive(
     written = sorted(out_dir.rglob("*.dcm"))
     assert len(written) == len(report["files"]) - len(planned.bad_files)
     assert list(enrolled.archive.rglob("*")) == []
-    assert ledger.batch_rows(enrolled) == []
+    assert ledger.batch_summaries(enrolled) == []
     assert not (enrolled.restricted / "dry-runs").exists() or not any(
         (enrolled.restricted / "dry-runs").iterdir()
     )

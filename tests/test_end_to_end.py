@@ -64,13 +64,13 @@ def test_one_dag_run_per_batch_with_only_the_batch_id_in_its_conf(ran):
         assert set(conf) == {"batch_id"} and conf["batch_id"] in expected
         assert run_id.startswith(f"batch__{conf['batch_id']}__")
         # The audit ledger names the DAG run that processed each batch and each file.
-        assert ledger.batch_row(home, conf["batch_id"])["dag_run_id"] == run_id
+        assert ledger.batch_summary(home, conf["batch_id"])["dag_run_id"] == run_id
         assert {f["dag_run_id"] for f in ledger.file_rows(home, conf["batch_id"])} == {run_id}
 
 
 def test_batches_end_done_or_quarantined_as_expected_and_reconcile(ran):
     home, _, expected, _ = ran
-    rows = {r["batch_id"]: r for r in ledger.batch_rows(home)}
+    rows = {r["batch_id"]: r for r in ledger.batch_summaries(home)}
     for batch_id, expect in expected.items():
         row = rows[batch_id]
         assert row["files"] == row["archived"] + row["quarantined"] + row["duplicates"]

@@ -129,7 +129,7 @@ def test_the_same_batch_uploaded_twice_before_one_run_is_archived_once(enrolled,
     _, err = run.communicate(timeout=900)
     assert run.returncode == 0, err[-3000:]
     rows = sorted(
-        (ledger.batch_row(enrolled, batch_id) for batch_id, _ in staged),
+        (ledger.batch_summary(enrolled, batch_id) for batch_id, _ in staged),
         key=lambda row: row["archived"],
     )
     assert rows[0]["archived"] == 0 and rows[0]["duplicates"] == rows[1]["archived"] > 0
@@ -238,7 +238,7 @@ def test_a_corrupt_file_in_a_batch_of_200_is_quarantined_and_199_archived(
     batch_id, uploaded = stage(enrolled, planned, [folder])
     for step in batch.TASKS:
         batch.run_task(step, batch_id, enrolled)
-    row = ledger.batch_row(enrolled, batch_id)
+    row = ledger.batch_summary(enrolled, batch_id)
     reasons = {f["reason"] for f in ledger.file_rows(enrolled, batch_id)}
     assert (row["archived"], row["quarantined"], row["state"]) == (199, 1, "done"), reasons
     (bad,) = [f for f in ledger.file_rows(enrolled, batch_id) if f["reason"]]

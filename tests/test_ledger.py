@@ -38,7 +38,7 @@ def _process(home, trial):
 
 def test_every_uploaded_file_has_one_current_disposition(any_ledger, trial):
     expected = _process(any_ledger, trial)
-    rows = {r["batch_id"]: r for r in ledger.batch_rows(any_ledger)}
+    rows = {r["batch_id"]: r for r in ledger.batch_summaries(any_ledger)}
     assert set(rows) == set(expected)
     for batch_id, row in rows.items():
         files = ledger.file_rows(any_ledger, batch_id)
@@ -139,7 +139,7 @@ def test_batches_reserving_the_same_instances_at_once_agree_on_one_holder_each(a
     order: no error (no deadlock on PostgreSQL), one holder per instance, the same in
     every answer, and a later batch, or a repeat, is told the same."""
     slots = [ledger.ArchiveSlot(f"2.25.{n}", n, f"{n:064x}", f"a/{n}.dcm") for n in range(300)]
-    ledger.batch_rows(any_ledger)  # the tables exist before the batches race
+    ledger.batch_summaries(any_ledger)  # the tables exist before the batches race
     start = threading.Barrier(4)
 
     def reserve(number):
@@ -223,7 +223,7 @@ def test_processes_starting_on_a_new_ledger_at_once_all_find_it_ready(tmp_path, 
         url = f"{POSTGRES}/{name}"
     env = {**os.environ, "TRIALPIPE_HOME": str(tmp_path / "home"), "TRIALPIPE_LEDGER_URL": url}
     script = "from pipeline import ledger; from pipeline.home import data_home; "
-    script += "print(ledger.batch_rows(data_home()))"
+    script += "print(ledger.batch_summaries(data_home()))"
     try:
         starts = [
             subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)

@@ -198,7 +198,7 @@ def test_archive_and_tables_land_in_the_bucket_and_duckdb_reads_them_back(
     }
     assert {(p, s) for _, _, p, s in paths.rows} <= {("DEMO-01", b.site_id) for b in trial.batches}
     batches = query.run(s3_home, "SELECT count(*) FROM batches").rows
-    assert batches == [(len(ledger.batch_rows(s3_home)),)]
+    assert batches == [(len(ledger.batch_summaries(s3_home)),)]
     assert tables.read_table(s3_home, "instances").num_rows == len(archived)
     # A statistician's command, configured by the environment alone, in a process of its own.
     command = [sys.executable, "-m", "pipeline.cli", "--home", str(s3_home.root), "query"]
@@ -241,7 +241,7 @@ def test_rerun_of_a_batch_adds_no_rows_or_objects(s3_home, bucket, trial):
     }
     assert query.run(s3_home, "SELECT count(*) FROM instances").rows == rows
     assert query.run(s3_home, "SELECT count(*) FROM batches").rows == [(1,)]
-    assert ledger.batch_row(s3_home, batch_id)["state"] == "done"
+    assert ledger.batch_summary(s3_home, batch_id)["state"] == "done"
 
 
 def test_compaction_on_the_object_store_changes_no_query_result(s3_home, bucket):
@@ -347,7 +347,7 @@ def test_quarantine_on_the_object_store_holds_the_originals_until_released(
 
     assert [b.batch_id for b in intake.ready_batches(home)] == [new_id]
     process(home, new_id)
-    done = ledger.batch_row(home, new_id)
+    done = ledger.batch_summary(home, new_id)
     assert (done["state"], done["released_from"]) == ("done", batch_id)
     assert done["archived"] == done["files"] == len(held)
     archived = [f for f in ledger.file_rows(home, new_id) if f["disposition"] == "archived"]
@@ -386,7 +386,7 @@ def test_an_upload_to_the_bucket_inbox_is_claimed_processed_and_leaves_nothing_t
     cut.write_bytes(b"DICM cut short")
     process(home, batch_id)
 
-    assert ledger.batch_row(home, batch_id)["state"] == "done"
+    assert ledger.batch_summary(home, batch_id)["state"] == "done"
     assert bucket.objects("inbox") == {}  # the batch's objects are gone
     assert intake.ready_batches(home) == [] and watch.ready_batch_ids(str(home.root)) == []
     assert list(home.claimed.iterdir()) == []  # no partial download, no lock file left
@@ -398,7 +398,7 @@ def test_an_upload_to_the_bucket_inbox_is_claimed_processed_and_leaves_nothing_t
     process(home, batch_id)  # a rerun: finalized, a no-op
     assert bucket.objects("archive") == archive and bucket.objects("inbox") == {}
     assert query.run(home, "SELECT count(*) FROM instances").rows == rows
-    assert ledger.batch_row(home, batch_id)["state"] == "done"
+    assert ledger.batch_summary(home, batch_id)["state"] == "done"
 
 
 def test_a_file_the_site_corrupted_in_the_bucket_inbox_is_quarantined_not_stuck(
@@ -426,7 +426,7 @@ def test_a_file_the_site_corrupted_in_the_bucket_inbox_is_quarantined_not_stuck(
     refused = [f for f in files.values() if f["disposition"] == "quarantined"]
     assert [f["reason"] for f in refused] == ["checksum_mismatch"]
     assert sum(f["disposition"] == "archived" for f in files.values()) == len(files) - 1
-    assert ledger.batch_row(home, batch_id)["state"] == "done"
+    assert ledger.batch_summary(home, batch_id)["state"] == "done"
 
 
 def test_a_release_repeated_after_the_ingest_took_its_batch_leaves_no_originals_behind(
@@ -473,4 +473,4 @@ def test_a_release_repeated_after_the_ingest_took_its_batch_leaves_no_originals_
     assert release.release(home, batch_id)[0] == ready.batch_id
     assert not building.exists()
     process(home, ready.batch_id)
-    assert ledger.batch_row(home, ready.batch_id)["state"] == "done"
+    assert ledger.batch_summary(home, ready.batch_id)["state"] == "done"

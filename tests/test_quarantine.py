@@ -67,7 +67,7 @@ def test_releasing_an_unenrolled_batch_after_enrollment_archives_it(
     assert code == 0
     new_id = out.split(" as batch ")[1].split()[0]
     process_all(enrolled)
-    released = ledger.batch_row(enrolled, new_id)
+    released = ledger.batch_summary(enrolled, new_id)
     assert released["state"] == "done" and released["released_from"] == stranger
     assert released["archived"] == released["files"] > 0
     old = ledger.file_rows(enrolled, stranger)
@@ -92,7 +92,7 @@ def test_releasing_chosen_files_leaves_the_rest_in_quarantine(capsys, processed,
     assert code == 0
     new_id = out.split(" as batch ")[1].split()[0]
     process_all(enrolled)
-    assert ledger.batch_row(enrolled, new_id)["state"] == "done"
+    assert ledger.batch_summary(enrolled, new_id)["state"] == "done"
     remaining = [f for f in ledger.file_rows(enrolled, mixed) if f["disposition"] == "quarantined"]
     assert [f["file_no"] for f in remaining] == [keep_back]
     # Every file of both batches is accounted for exactly once, counting a release as a move.
@@ -150,7 +150,9 @@ def test_a_release_killed_half_way_is_finished_by_the_next_release(
     code, out, _ = cli(capsys, enrolled, "quarantine", "release", mixed)
     assert code == 0
     new_id = out.split(" as batch ")[1].split()[0]
-    assert [r["batch_id"] for r in ledger.batch_rows(enrolled) if r["released_from"]] == [new_id]
+    assert [r["batch_id"] for r in ledger.batch_summaries(enrolled) if r["released_from"]] == [
+        new_id
+    ]
     old = ledger.file_rows(enrolled, mixed)
     assert {f["disposition"] for f in old} == {"released"}
     assert all(f["detail"] == f"released to batch {new_id}" for f in old)
@@ -162,7 +164,7 @@ def test_a_release_killed_half_way_is_finished_by_the_next_release(
     )
     assert sorted(int(f["released_from"].split(":")[1]) for f in manifest["files"]) == sorted(held)
     process_all(enrolled)
-    assert ledger.batch_row(enrolled, new_id)["files"] == len(held)
+    assert ledger.batch_summary(enrolled, new_id)["files"] == len(held)
     assert len(ledger.file_rows(enrolled, new_id)) == len(held)
     assert not list((enrolled.inbox / "DEMO-01").glob("*/*")), "a batch was left in the inbox"
     assert main(["--home", str(enrolled.root), "quarantine", "release", mixed]) == 2

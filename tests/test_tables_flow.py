@@ -35,7 +35,7 @@ def _sorted_rows(home, table):
 def test_every_batch_has_a_batches_row_that_reconciles_with_the_ledger(processed, enrolled):
     rows = {r["batch_id"]: r for r in tables.read_table(enrolled, "batches").to_pylist()}
     assert set(rows) == set(processed)
-    for summary in ledger.batch_rows(enrolled):
+    for summary in ledger.batch_summaries(enrolled):
         row = rows[summary["batch_id"]]
         for key in ("state", "files", "archived", "quarantined", "duplicates"):
             assert row[key] == summary[key], key
