@@ -17,7 +17,9 @@ from sqlalchemy.sql.dml import Insert
 def engine(url: str) -> Engine:
     """One engine per URL per process. SQLite gets WAL and a long busy timeout because
     several Airflow task processes write the same file at once. Statement parameters are
-    never quoted in an error: they are original UIDs and PHI, and errors reach task logs."""
+    never quoted in an error: they can be original UIDs, and errors reach task logs. (A
+    PostgreSQL server's own DETAIL line on a duplicate key still names the key; the keys
+    of trialpipe's PostgreSQL tables are pseudonymised.)"""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         eng = create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import atomic, faults, intake, ledger, quarantine, store
-from pipeline.batch import refresh_batch_counts
+from pipeline.batch import UNKNOWN, refresh_batch_counts
 from pipeline.home import DataHome
 from pipeline.protocol import ProtocolError, load_protocol
 from pipeline.reasons import BatchState, Disposition
@@ -61,7 +61,10 @@ def release(
         return _carry_out(home, batch_id, _plan(home, batch_id, file_nos, by))
     new_id, count = _carry_out(home, batch_id, pending)
     finished = sorted(item["file_no"] for item in pending["files"])
-    left = _releasable(home, batch_id) if file_nos is None else file_nos - set(finished)
+    if file_nos is None:
+        left = _releasable(home, batch_id, quarantine.read_record(home, batch_id))
+    else:
+        left = file_nos - set(finished)
     if left:
         raise ReleaseRefused(
             f"an interrupted release of batch {batch_id} was finished first: file(s)"
@@ -91,7 +94,7 @@ def _plan(
     summary = ledger.batch_summary(home, batch_id)
     if record is None or summary is None:
         raise ReleaseRefused(f"batch {batch_id} has nothing in quarantine")
-    if summary["protocol_id"] == "unknown":
+    if summary["protocol_id"] == UNKNOWN:
         raise ReleaseRefused(
             f"batch {batch_id} came with an invalid manifest: upload it again with the "
             "trialpipe client instead"
@@ -100,7 +103,7 @@ def _plan(
         load_protocol(record["protocol_id"])
     except ProtocolError as error:
         raise ReleaseRefused(str(error)) from None
-    releasable = _releasable(home, batch_id)
+    releasable = _releasable(home, batch_id, record)
     chosen = [
         {"file_no": item["file_no"], "path": item["path"]}
         for item in record["files"]
@@ -122,9 +125,9 @@ def _plan(
     return plan
 
 
-def _releasable(home: DataHome, batch_id: str) -> set[int]:
-    """The numbers of the batch's files that are quarantined and held in its folder."""
-    record = quarantine.read_record(home, batch_id)
+def _releasable(home: DataHome, batch_id: str, record: dict[str, Any] | None) -> set[int]:
+    """The numbers of the batch's files that are quarantined and held in its folder
+    (``record``: its quarantine record, as the caller read it)."""
     if record is None:
         return set()
     current = {

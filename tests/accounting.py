@@ -6,11 +6,13 @@ ledger the pipeline writes: a ledger that forgot a file must fail the check, not
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
-from pipeline import intake, ledger, quarantine, tables
+from pipeline import batch, enrollment, intake, ledger, quarantine, tables
 from pipeline.demo import upload_trial
 from pipeline.home import DataHome
+from pipeline.protocol import Protocol
 from pipeline.synth import PlannedBatch, SyntheticTrial
 
 
@@ -36,6 +38,25 @@ def stage(
         home, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, paths, check=check
     )
     return batch_id, files_in(paths)
+
+
+def process(home: DataHome, batch_id: str, steps: tuple[str, ...] = tuple(batch.TASKS)) -> None:
+    """Run the batch through ``steps`` (default: every task), as the ingest DAG does."""
+    for step in steps:
+        batch.run_task(step, batch_id, home)
+
+
+def enroll_late(
+    home: DataHome, protocol: Protocol, trial: SyntheticTrial, planned: PlannedBatch, folder: Path
+) -> None:
+    """Add ``planned``'s subject (arm B) to the enrollment list and import it again, as a
+    coordinator does for a subject whose batch was quarantined as unenrolled."""
+    rows = list(csv.reader(trial.enrollment_csv.open()))
+    rows.append([planned.site_id, planned.subject_id, "B", "2025-08-20"])
+    updated = folder / "enrollment.csv"
+    with updated.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    enrollment.import_csv(home, protocol, updated)
 
 
 def upload(home: DataHome, trial: SyntheticTrial) -> dict[str, int]:

@@ -11,15 +11,10 @@ import yaml
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
-from pipeline import batch, intake, ledger
+from pipeline import intake, ledger
 from pipeline.home import REPO_ROOT
 from pipeline.protocol import load_protocol
-from tests.accounting import assert_accounted, files_in, stage
-
-
-def process(home, batch_id):
-    for step in batch.TASKS:
-        batch.run_task(step, batch_id, home)
+from tests.accounting import assert_accounted, files_in, process, stage
 
 
 def outcome(home, batch_id):

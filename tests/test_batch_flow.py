@@ -10,12 +10,7 @@ from pipeline import batch, intake, ledger, tables
 from pipeline.demo import upload_trial
 from pipeline.reasons import Reason
 from pipeline.worklist import Worklist
-from tests.accounting import assert_accounted, stage
-
-
-def process(home, batch_id):
-    for step in batch.TASKS:
-        batch.run_task(step, batch_id, home)
+from tests.accounting import assert_accounted, process, stage
 
 
 @pytest.fixture
@@ -361,18 +356,7 @@ def test_worker_processes_change_nothing_but_the_speed(tmp_path, protocol, trial
         pseudonyms.trial_secret(home, "DEMO-01")  # made on first use in the first home
         key = secret.read_bytes()
         for planned in trial.batches[:3]:
-            process(
-                home,
-                intake.stage_batch(
-                    home,
-                    "DEMO-01",
-                    planned.site_id,
-                    planned.subject_id,
-                    planned.visit,
-                    [planned.folder],
-                    check=False,
-                ),
-            )
+            process(home, stage(home, planned, check=False)[0])
         archive = {
             path.relative_to(home.archive).as_posix(): path.read_bytes()
             for path in home.archive.rglob("*.dcm")

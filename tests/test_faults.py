@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from pipeline import batch, db, enrollment, ledger
 from pipeline.home import DataHome, data_home
 from pipeline.synth import SeriesShape, make_series, write_series
-from tests.accounting import assert_accounted, stage, temporary_files, upload
+from tests.accounting import assert_accounted, process, stage, temporary_files, upload
 
 TRIALPIPE = str(Path(sys.executable).parent / "trialpipe")
 
@@ -236,8 +236,7 @@ def test_a_corrupt_file_in_a_batch_of_200_is_quarantined_and_199_archived(
     data = paths[117].read_bytes()
     paths[117].write_bytes(data[: len(data) // 3])
     batch_id, uploaded = stage(enrolled, planned, [folder])
-    for step in batch.TASKS:
-        batch.run_task(step, batch_id, enrolled)
+    process(enrolled, batch_id)
     row = ledger.batch_summary(enrolled, batch_id)
     reasons = {f["reason"] for f in ledger.file_rows(enrolled, batch_id)}
     assert (row["archived"], row["quarantined"], row["state"]) == (199, 1, "done"), reasons

@@ -3,18 +3,19 @@
 import datetime as dt
 import json
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import sqlalchemy
 from sqlalchemy import text
 
-from pipeline import __version__, batch, intake, ledger
+from pipeline import __version__, batch, db, intake, ledger
 from pipeline.cli import main
 from pipeline.demo import upload_trial
 from pipeline.home import DataHome
-from tests.conftest import POSTGRES, fresh_postgres
+from tests.accounting import process
+from tests.conftest import fresh_postgres
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -75,8 +76,7 @@ def test_the_ledger_refuses_every_update_delete_and_truncate(any_ledger, trial):
     batch_id = intake.stage_batch(
         any_ledger, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
     )
-    for step in batch.TASKS:
-        batch.run_task(step, batch_id, any_ledger)
+    process(any_ledger, batch_id)
     engine = ledger._engine(any_ledger)
     counts = _row_counts(engine)
     assert all(counts.values()), counts  # every table has rows to lose
@@ -206,45 +206,41 @@ def test_audit_prints_the_trail_of_a_batch(capsys, enrolled, trial):
     assert "no batch nope" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
-def test_processes_starting_on_a_new_ledger_at_once_all_find_it_ready(tmp_path, database):
-    """The first tasks of a new deployment start together: each sees the tables missing
-    and creates them; every one must go on, with the append-only triggers in place."""
+def _starting_at_once(url: str, root: Path) -> None:
+    """Six processes open the ledger at ``url`` at once; all must succeed, and the new
+    ledger must refuse an update."""
     import os
     import subprocess
     import sys
 
-    name = f"trialpipe_test_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(f"{POSTGRES}/postgres", isolation_level="AUTOCOMMIT")
-    url = f"sqlite:///{tmp_path / 'home' / 'ledger.sqlite'}"
-    if database == "postgresql":
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        url = f"{POSTGRES}/{name}"
-    env = {**os.environ, "TRIALPIPE_HOME": str(tmp_path / "home"), "TRIALPIPE_LEDGER_URL": url}
+    env = {**os.environ, "TRIALPIPE_HOME": str(root), "TRIALPIPE_LEDGER_URL": url}
     script = "from pipeline import ledger; from pipeline.home import data_home; "
     script += "print(ledger.batch_summaries(data_home()))"
-    try:
-        starts = [
-            subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
-            for _ in range(6)
-        ]
-        failures = [p.stderr.read() for p in starts if p.wait(timeout=120) != 0]
-        assert failures == []
-        home = DataHome(tmp_path / "home", url)
-        ledger.register_batch(home, "b1", "DEMO-01", "SITE-01", files=1)
-        engine = sqlalchemy.create_engine(url)
-        with (
-            engine.connect() as conn,
-            pytest.raises(sqlalchemy.exc.DBAPIError, match="append-only"),
-        ):
-            conn.execute(text("UPDATE batches SET files = 2"))
-        engine.dispose()
-        from pipeline import db
+    starts = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
+        for _ in range(6)
+    ]
+    failures = [p.stderr.read() for p in starts if p.wait(timeout=120) != 0]
+    assert failures == []
+    home = DataHome(root, url)
+    ledger.register_batch(home, "b1", "DEMO-01", "SITE-01", files=1)
+    engine = sqlalchemy.create_engine(url)
+    with (
+        engine.connect() as conn,
+        pytest.raises(sqlalchemy.exc.DBAPIError, match="append-only"),
+    ):
+        conn.execute(text("UPDATE batches SET files = 2"))
+    engine.dispose()
+    db.engine(url).dispose()
 
-        db.engine(url).dispose()
-    finally:
-        if database == "postgresql":
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_processes_starting_on_a_new_ledger_at_once_all_find_it_ready(tmp_path, database):
+    """The first tasks of a new deployment start together: each sees the tables missing
+    and creates them; every one must go on, with the append-only triggers in place."""
+    root = tmp_path / "home"
+    if database == "sqlite":
+        _starting_at_once(f"sqlite:///{root / 'ledger.sqlite'}", root)
+        return
+    with fresh_postgres() as url:
+        _starting_at_once(url, root)

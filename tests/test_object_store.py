@@ -4,7 +4,6 @@ task functions in-process, as in test_batch_flow."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import re
@@ -38,8 +37,8 @@ from pipeline.cli import main
 from pipeline.demo import upload_trial
 from pipeline.embedded import free_port
 from pipeline.home import DataHome, data_home
+from tests.accounting import enroll_late, process, stage
 from tests.conftest import phi_leaks
-from tests.test_batch_flow import process
 from tests.test_tables import _row
 
 STARTUP_SECONDS = 60
@@ -281,15 +280,7 @@ def test_quarantine_on_the_object_store_holds_the_originals_until_released(
 ):
     home = s3_quarantine_home
     planned = next(b for b in trial.batches if b.expect == "unenrolled_subject")
-    batch_id = intake.stage_batch(  # by a drop folder, as the client would refuse it
-        home,
-        "DEMO-01",
-        planned.site_id,
-        planned.subject_id,
-        planned.visit,
-        [planned.folder],
-        check=False,
-    )
+    batch_id = stage(home, planned, check=False)[0]  # by a drop folder: the client would refuse it
     for step in ("claim", "deidentify", "verify", "validate", "write_tables", "route"):
         batch.run_task(step, batch_id, home)
     # A finalize cut off after it had put the originals: the retry uploads none again.
@@ -330,12 +321,7 @@ def test_quarantine_on_the_object_store_holds_the_originals_until_released(
         f["file_no"] for f in held
     )
 
-    rows = list(csv.reader(trial.enrollment_csv.open()))
-    rows.append([planned.site_id, planned.subject_id, "B", "2025-08-20"])
-    updated = tmp_path / "enrollment.csv"
-    with updated.open("w", newline="") as handle:
-        csv.writer(handle).writerows(rows)
-    enrollment.import_csv(home, protocol, updated)
+    enroll_late(home, protocol, trial, planned, tmp_path)
     assert main(["--home", str(home.root), "quarantine", "release", batch_id]) == 0
     new_id = capsys.readouterr().out.split(" as batch ")[1].split()[0]
     assert sorted(bucket.objects(f"quarantine/{batch_id}")) == [
@@ -439,22 +425,9 @@ def test_a_release_repeated_after_the_ingest_took_its_batch_leaves_no_originals_
 
     home = s3_inbox_home
     planned = next(b for b in trial.batches if b.expect == "unenrolled_subject")
-    batch_id = intake.stage_batch(  # by a drop folder, as the client would refuse it
-        home,
-        "DEMO-01",
-        planned.site_id,
-        planned.subject_id,
-        planned.visit,
-        [planned.folder],
-        check=False,
-    )
+    batch_id = stage(home, planned, check=False)[0]  # by a drop folder: the client would refuse it
     process(home, batch_id)
-    rows = list(csv.reader(trial.enrollment_csv.open()))
-    rows.append([planned.site_id, planned.subject_id, "B", "2025-08-20"])
-    updated = tmp_path / "enrollment.csv"
-    with updated.open("w", newline="") as handle:
-        csv.writer(handle).writerows(rows)
-    enrollment.import_csv(home, protocol, updated)
+    enroll_late(home, protocol, trial, planned, tmp_path)
 
     class CutOff(Exception):
         pass

@@ -1,6 +1,5 @@
 """Quarantine management: list what is held, release it after a fix, audit both sides."""
 
-import csv
 import json
 import os
 import signal
@@ -11,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import batch, enrollment, intake, ledger, tables
+from pipeline import batch, intake, ledger, tables
 from pipeline.cli import main
 from pipeline.demo import upload_trial
 from pipeline.intake import ready_batches
+from tests.accounting import enroll_late
 
 TRIALPIPE = str(Path(sys.executable).parent / "trialpipe")
 
@@ -56,12 +56,7 @@ def test_releasing_an_unenrolled_batch_after_enrollment_archives_it(
 ):
     stranger = next(b for b, e in processed.items() if e == "unenrolled_subject")
     planned = next(b for b in trial.batches if b.expect == "unenrolled_subject")
-    rows = list(csv.reader(trial.enrollment_csv.open()))
-    rows.append([planned.site_id, planned.subject_id, "B", "2025-08-20"])
-    updated = tmp_path / "enrollment.csv"
-    with updated.open("w", newline="") as handle:
-        csv.writer(handle).writerows(rows)
-    enrollment.import_csv(enrolled, protocol, updated)
+    enroll_late(enrolled, protocol, trial, planned, tmp_path)
 
     code, out, _ = cli(capsys, enrolled, "quarantine", "release", stranger)
     assert code == 0

@@ -11,12 +11,8 @@ from pydicom import dcmread
 from pipeline import batch, intake, ledger, tables
 from pipeline.demo import upload_trial
 from pipeline.reasons import Reason
+from tests.accounting import process
 from tests.conftest import phi_leaks
-
-
-def process(home, batch_id, steps=tuple(batch.TASKS)):
-    for step in steps:
-        batch.run_task(step, batch_id, home)
 
 
 @pytest.fixture
