@@ -18,6 +18,9 @@ from typing import Any
 import yaml
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
@@ -142,6 +145,7 @@ class Deidentifier:
         # deid's actions by lookup (same result, a fraction of the time); deid's parser
         # for any recipe the compiled form does not cover.
         self.compiled = CompiledRecipe(self.recipe)
+        self._stamps: dict[tuple[bool, bool], RawDataElement] = {}
         self.offset = pseudonyms.date_offset_days(
             subject.enrollee.randomization_date, protocol.date_anchor
         )
@@ -268,21 +272,16 @@ class Deidentifier:
 
     def _stamp(self, ds: Dataset, cleaned_pixels: bool = False) -> None:
         ds.PatientIdentityRemoved = "YES"
-        codes = option_codes()
-        claimed = [codes[o] for o in self.protocol.options]
-        if cleaned_pixels:
-            claimed.append(CLEAN_PIXEL_CODE)
         ds.DeidentificationMethod = (
             f"trialpipe {__version__} {self.protocol.recipe_version}; PS3.15 E.1-1"
         )[:64]
-        items = []
-        for code, meaning in [PROFILE_CODE, *claimed]:
-            item = Dataset()
-            item.CodeValue = code
-            item.CodingSchemeDesignator = "DCM"
-            item.CodeMeaning = meaning
-            items.append(item)
-        ds.DeidentificationMethodCodeSequence = Sequence(items)
+        encoding = getattr(ds, "original_encoding", None)
+        if encoding in ((True, True), (False, True)):
+            # The same sequence for every file of the batch: encoded once, and each file
+            # gets it as read (an immutable element, written back as its bytes).
+            ds._dict[_METHOD_CODES] = self._method_codes(encoding[0], cleaned_pixels)
+        else:
+            ds.DeidentificationMethodCodeSequence = self._method_code_items(cleaned_pixels)
         meta = ds.file_meta
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
@@ -295,6 +294,39 @@ class Deidentifier:
         ):
             if keyword in meta:
                 delattr(meta, keyword)
+
+    def _method_code_items(self, cleaned_pixels: bool) -> Sequence:
+        """De-identification Method Code Sequence: the profile and every claimed option."""
+        codes = option_codes()
+        claimed = [codes[o] for o in self.protocol.options]
+        if cleaned_pixels:
+            claimed.append(CLEAN_PIXEL_CODE)
+        items = []
+        for code, meaning in [PROFILE_CODE, *claimed]:
+            item = Dataset()
+            item.CodeValue = code
+            item.CodingSchemeDesignator = "DCM"
+            item.CodeMeaning = meaning
+            items.append(item)
+        return Sequence(items)
+
+    def _method_codes(self, implicit: bool, cleaned_pixels: bool) -> RawDataElement:
+        """:meth:`_method_code_items` encoded little endian, as pydicom reads it back."""
+        found = self._stamps.get((implicit, cleaned_pixels))
+        if found is not None:
+            return found
+        holder = Dataset()
+        holder.DeidentificationMethodCodeSequence = self._method_code_items(cleaned_pixels)
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, implicit
+        write_dataset(buffer, holder)
+        buffer.seek(0)
+        read = read_dataset(buffer, implicit, True)
+        found = self._stamps[(implicit, cleaned_pixels)] = read._dict[_METHOD_CODES]
+        return found
+
+
+_METHOD_CODES = Tag(0x00120064)  # De-identification Method Code Sequence
 
 
 class _AsRead:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import shutil
 import struct
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pydicom
 
-from pipeline import atomic, batch, enrollment, intake, restricted
+from pipeline import atomic, batch, enrollment, intake, parallel, restricted
 from pipeline.dicomscan import attribute_name
 from pipeline.home import DataHome
 from pipeline.intake import UploadRefused
@@ -63,15 +64,19 @@ def deidentify_folder(
                 sandbox, batch_id, ("claim", "deidentify", "verify", "validate")
             )
             worklist = batch.Worklist.load(Path(state))
+            done = [
+                e
+                for e in worklist.files
+                if worklist.batch_reason is None and e.reason is None and e.staged
+            ]
+            # Each output compared with its original, over the workers as the steps were.
+            job = _ReportJob(sandbox, batch_id, output_dir)
+            reports = parallel.map_files(_report, done, job)
+            found = dict(zip((e.file_no for e in done), reports, strict=True))
             report_files = []
             for entry in worklist.files:
                 reason = worklist.batch_reason or entry.reason
-                actions = None
-                if reason is None and entry.staged:
-                    staged = sandbox.claimed_batch(batch_id) / entry.staged
-                    atomic.link_or_copy(staged, output_dir / entry.path, durable=False)
-                    original = batch.original_path(sandbox, batch_id, entry)
-                    actions = changes(original, staged)
+                actions = found.get(entry.file_no)
                 report_files.append(
                     {
                         "path": entry.path,
@@ -93,6 +98,21 @@ def deidentify_folder(
             return report
     finally:
         shutil.rmtree(sandbox.root, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _ReportJob:
+    sandbox: DataHome
+    batch_id: str
+    output_dir: Path
+
+
+def _report(entry: batch.FileEntry) -> dict[str, list[str]]:
+    """Put one staged file in the output folder; return what was done to it."""
+    job: _ReportJob = parallel.context()
+    staged = job.sandbox.claimed_batch(job.batch_id) / str(entry.staged)
+    atomic.link_or_copy(staged, job.output_dir / entry.path, durable=False)
+    return changes(batch.original_path(job.sandbox, job.batch_id, entry), staged)
 
 
 def changes(original: Path, output: Path) -> dict[str, list[str]]:

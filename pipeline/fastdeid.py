@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -64,6 +65,10 @@ class _Field:
     def element(self) -> DataElement:
         return self.parent[self.tag]
 
+    def deid_field(self) -> DicomField:
+        """The field as deid hands it to a recipe function."""
+        return DicomField(self.element, self.name, self.uid, self.is_filemeta)
+
     def kill(self) -> None:
         self.alive = False
         for child in self.children:
@@ -75,6 +80,24 @@ class _Action:
     action: str
     field: str
     value: str | None
+
+    @property
+    def variable(self) -> str | None:
+        """The variable a ``var:`` value names (deid's parse_value looks it up and gives
+        None when the lookup lacks it), else None."""
+        if self.value and self.value.startswith("var:"):
+            return self.value[4:]
+        return None
+
+
+def _value(action: _Action, ds: Dataset, lookup: dict[str, Any], field: Callable[[], Any]) -> Any:
+    """What deid's ``parse_value`` gives for the action's value, ``field()`` making what
+    it passes a function. A variable is a lookup, done here: the same answer, without
+    decoding the element a function would be given."""
+    name = action.variable
+    if name is not None:
+        return lookup.get(name)
+    return parse_value(dicom=ds, value=action.value, item=lookup, field=field())
 
 
 class CompiledRecipe:
@@ -150,14 +173,7 @@ class CompiledRecipe:
             targets = [f for f in index.get(action.field.lower(), []) if f.alive]
             for target in targets:
                 if action.action == "REPLACE":
-                    value = parse_value(
-                        dicom=ds,
-                        value=action.value,
-                        item=lookup,
-                        field=DicomField(
-                            target.element, target.name, target.uid, target.is_filemeta
-                        ),
-                    )
+                    value = _value(action, ds, lookup, target.deid_field)
                     if value is not None:
                         target.element.value = value
                 elif action.action == "BLANK":
@@ -229,7 +245,7 @@ class CompiledRecipe:
         fields: dict[str, _Field],
         index: dict[str, list[_Field]],
     ) -> None:
-        value = parse_value(dicom=ds, value=action.value, item=lookup, field=action.field)
+        value = _value(action, ds, lookup, lambda: action.field)
         if value is None:
             return
         tag = self.added[action.field]

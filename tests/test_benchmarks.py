@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from benchmarks.run import report
+from benchmarks.run import ONE, PLAIN, _fixed_and_per_file, report
 
 
 def test_the_benchmark_runs_every_contender_on_the_same_files(tmp_path):
@@ -47,7 +47,7 @@ def test_the_benchmark_runs_every_contender_on_the_same_files(tmp_path):
         "trialpipe library pipeline (1 process)",
         "trialpipe library pipeline (2 processes)",
     }
-    for corpus in ("CT 4", "MR 2"):
+    for corpus in ("CT 4", "MR 2", "CT 1"):
         assert {r["contender"] for r in rows if r["corpus"] == corpus} == contenders
     for row in rows:
         assert row["files"] == int(row["corpus"].split()[-1]) and row["x_plain"] > 0
@@ -59,3 +59,27 @@ def test_the_benchmark_runs_every_contender_on_the_same_files(tmp_path):
     assert "| CT 4 | trialpipe library pipeline (1 process) | 4 |" in text and "cores" in text
     assert report(rows, "x").count("target ≥ 0.5×") == 2
     assert report(rows, "x").count("target ≥ 1.8×") == 2
+    # Each tool's fixed cost and per-file cost, from the one-slice run beside the CT run
+    # (four files may not tell them apart: test_the_report_splits_fixed_and_per_file_cost).
+    assert report(rows, "x").count("  - once started: ") == 2
+
+
+def _row(corpus, contender, files, wall_s):
+    return {"corpus": corpus, "contender": contender, "files": files, "wall_s": wall_s}
+
+
+def test_the_report_splits_fixed_and_per_file_cost():
+    rows = []
+    for contender, one, thousand in (
+        (PLAIN, 1.0, 5.995),  # 5 ms a file after a 1 s start
+        ("trialpipe deid (1 process)", 6.0, 16.99),  # 11 ms a file after 6 s
+        ("trialpipe deid (2 processes)", 6.2, 12.194),  # 6 ms a file
+    ):
+        rows += [_row(ONE, contender, 1, one), _row("CT 1000", contender, 1000, thousand)]
+    by = {(r["corpus"], r["contender"]): r for r in rows}
+    assert _fixed_and_per_file(by, "CT 1000", "trialpipe deid") == (
+        "  - once started: 6.0 s before the first file is done (plain: 1.0 s), then 11.0 ms"
+        " a file in one process (plain: 5.0 ms), 0.45× plain per file; 6.0 ms a file on 2"
+        " processes, 1.83× faster."
+    )
+    assert _fixed_and_per_file(by, "CT 1000", "trialpipe library pipeline") == ""
