@@ -146,8 +146,11 @@ class Cluster:
         """Start every component; ``worker_args`` go to ``airflow celery worker``."""
         self.components = Components(self.home, self.env)
         for name, args in COMPONENTS.items():
-            extra = list(worker_args) if name == "celery-worker" else []
-            self.components.start(name, [*args, *extra])
+            worker = name == "celery-worker"
+            extra = list(worker_args) if worker else []
+            # The worker forks its pool, and each pool process its task processes: with the
+            # tasks' modules loaded first, no task imports them again.
+            self.components.start(name, [*args, *extra], preload=worker)
 
     def check_alive(self) -> None:
         """Raise if a component has exited."""

@@ -1,10 +1,11 @@
 """``python -m pipeline.preload COMPONENT ARGS...``: run an Airflow component with the
 modules trialpipe's tasks import already loaded. The embedded mode's scheduler runs this
-way; the Celery deployment's workers do not (yet): their task processes still import the
-pipeline themselves.
+way, and so do the Celery deployment's workers (``python -m pipeline.preload celery
+worker``: in ``pipeline.cluster``, docker/compose.yaml and docker/helm-values.yaml).
 
 Airflow forks each task process from the component (the LocalExecutor's workers from the
-scheduler, the supervisor's task runner from them), so a task starts with pydicom, deid,
+scheduler, a Celery worker's pool processes from it; the supervisor's task runner from
+those), so a task starts with pydicom, deid,
 Great Expectations and pyarrow in memory instead of importing them: about half a second
 for every task, two for validate's. The modules are imported before Airflow starts, so
 nothing is forked half-imported; DAG files still import nothing of the pipeline (they are

@@ -150,6 +150,7 @@ def _run(cluster, home, planned, queue, started, deadline):
             )
         )
         record["pids"] = cluster.pids
+        record["commands"] = {n: psutil.Process(p).cmdline() for n, p in cluster.pids.items()}
         cluster.wait_until_serving(timeout=deadline - time.monotonic())
         api = cluster.api()
         _wait("the DAGs", lambda: api.get("/dags/trialpipe_intake"), cluster, deadline)
@@ -272,6 +273,13 @@ def test_every_component_ran_as_its_own_process_and_stopped_cleanly(deployment):
     assert sorted(pids) == sorted(COMPONENTS)
     assert len(set(pids.values())) == len(pids)
     assert all(deployment["alive"].values()), deployment["alive"]
+    # The worker, whose pool and task processes are forked from it, has the pipeline loaded.
+    assert deployment["commands"]["celery-worker"][1:5] == [
+        "-m",
+        "pipeline.preload",
+        "celery",
+        "worker",
+    ]
     # Each one exited by itself on SIGTERM, with success, and took its processes with it:
     # stopping had to kill nothing (it would have, and said so).
     assert deployment["exit_codes"] == dict.fromkeys(COMPONENTS, 0)

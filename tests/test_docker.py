@@ -38,6 +38,7 @@ SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|FERNET|(^|_)K
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}; $${...} is a literal.
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 DEPLOYMENT_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer", "worker")
+PRELOAD = ("python", "-m", "pipeline.preload")
 # The official Helm chart's values section of each Airflow component (by its command).
 CHART_SECTIONS = {"celery worker": "workers", "triggerer": "triggerer"}
 
@@ -194,6 +195,13 @@ print(json.dumps({{"errors": len(bag.import_errors), "tasks": tasks, "triggers":
     return needs
 
 
+def _airflow_command(command: str) -> str:
+    """A service's command as the Airflow subcommand it runs: ``python -m pipeline.preload
+    ARGS`` hands ARGS to Airflow's CLI (tests/test_preload.py)."""
+    words = shlex.split(command)
+    return shlex.join(words[len(PRELOAD) :] if tuple(words[: len(PRELOAD)]) == PRELOAD else words)
+
+
 def _airflow_python(code: str, home: Path, stdin: str = "") -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter configured as the deployment's Airflow services
     (CeleryExecutor), so this test process's own Airflow configuration stays untouched."""
@@ -340,7 +348,7 @@ def test_every_command_the_services_run_is_a_command_of_the_pinned_airflow(tmp_p
         service = compose["services"][name]
         command = service["command"]
         if isinstance(command, str):
-            commands.append(shlex.split(command))
+            commands.append(shlex.split(_airflow_command(command)))
         else:
             assert command[:2] == ["bash", "-c"], name
             script = _interpolate(command[2])
@@ -425,6 +433,16 @@ def test_one_setting_sizes_the_ingest_pool_and_the_ingest_runs_at_once():
     assert re.findall(r"kubectl .* airflow pools set trialpipe_ingest (\d+) ", guide) == [helm]
 
 
+def test_workers_start_their_tasks_with_the_pipeline_loaded():
+    """Celery forks the worker's pool, the pool its task processes: the worker preloads."""
+    worker = shlex.split(_compose()["services"]["worker"]["command"])
+    assert worker == [*PRELOAD, "celery", "worker"]
+    values = yaml.safe_load((DOCKER / "helm-values.yaml").read_text())
+    args = values["workers"]["args"]
+    assert args[:2] == ["bash", "-c"]
+    assert shlex.split(args[2].replace("\\\n", " ")) == ["exec", *PRELOAD, "celery", "worker"]
+
+
 def test_workers_scale_with_docker_compose_up_scale():
     worker = _compose()["services"]["worker"]
     assert "container_name" not in worker
@@ -435,7 +453,11 @@ def test_the_components_that_run_trialpipe_code_and_only_they_mount_the_data_hom
     needs = _data_home_needs(tmp_path)
     assert needs == {"celery worker": "rw", "triggerer": "ro"}  # the derivation found both
     services = _compose()["services"]
-    commands = {n: s["command"] for n, s in services.items() if isinstance(s.get("command"), str)}
+    commands = {
+        n: _airflow_command(s["command"])
+        for n, s in services.items()
+        if isinstance(s.get("command"), str)
+    }
     expected = {n: needs[c] for n, c in commands.items() if c in needs}
     expected["trialpipe"] = "rw"  # the CLI: uploads, enrollment, quarantine release
     mounted = {n: mode for n, s in services.items() if (mode := _volume_mode(s, "trialpipe-home"))}
