@@ -64,11 +64,8 @@ def deidentify_folder(
                 sandbox, batch_id, ("claim", "deidentify", "verify", "validate")
             )
             worklist = batch.Worklist.load(Path(state))
-            done = [
-                e
-                for e in worklist.files
-                if worklist.batch_reason is None and e.reason is None and e.staged
-            ]
+            refused = worklist.batch_reason is not None
+            done = [] if refused else [e for e in worklist.files if e.reason is None and e.staged]
             # Each output compared with its original, over the workers as the steps were.
             job = _ReportJob(sandbox, batch_id, output_dir)
             reports = parallel.map_files(_report, done, job)

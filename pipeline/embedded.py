@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import atomic
 from pipeline.home import DataHome, dags_dir
+from pipeline.preload import command as preload_command
 from pipeline.settings import ingest_slots
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ class Components:
         processes are forked from it."""
         import psutil
 
-        command = [sys.executable, "-m", "pipeline.preload"] if preload else [self.program]
+        command = preload_command() if preload else [self.program]
         with open(self.logs / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
                 [*command, *args],

@@ -5,16 +5,22 @@ worker``: in ``pipeline.cluster``, docker/compose.yaml and docker/helm-values.ya
 
 Airflow forks each task process from the component (the LocalExecutor's workers from the
 scheduler, a Celery worker's pool processes from it; the supervisor's task runner from
-those), so a task starts with pydicom, deid,
-Great Expectations and pyarrow in memory instead of importing them: about half a second
-for every task, two for validate's. The modules are imported before Airflow starts, so
-nothing is forked half-imported; DAG files still import nothing of the pipeline (they are
-parsed by the dag-processor, which this does not wrap).
+those), so a task starts with pydicom, deid, Great Expectations and pyarrow in memory
+instead of importing them: about half a second for every task, two for validate's. The
+modules are imported before Airflow starts, so nothing is forked half-imported; DAG files
+still import nothing of the pipeline (they are parsed by the dag-processor, which this does
+not wrap).
 """
 
 from __future__ import annotations
 
 import sys
+
+
+def command() -> list[str]:
+    """How to run this module with this environment's interpreter (then Airflow's
+    arguments)."""
+    return [sys.executable, "-m", "pipeline.preload"]
 
 
 def preload() -> None:

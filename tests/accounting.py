@@ -40,10 +40,16 @@ def stage(
     return batch_id, files_in(paths)
 
 
-def process(home: DataHome, batch_id: str, steps: tuple[str, ...] = tuple(batch.TASKS)) -> None:
-    """Run the batch through ``steps`` (default: every task), as the ingest DAG does."""
+def process(
+    home: DataHome,
+    batch_id: str,
+    steps: tuple[str, ...] = tuple(batch.TASKS),
+    run_id: str | None = None,
+) -> None:
+    """Run the batch through ``steps`` (default: every task), as the ingest DAG does
+    (``run_id``: the DAG run's ID the ledger records)."""
     for step in steps:
-        batch.run_task(step, batch_id, home)
+        batch.run_task(step, batch_id, home, run_id=run_id)
 
 
 def enroll_late(

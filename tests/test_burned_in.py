@@ -13,6 +13,7 @@ from pipeline.dicomio import read_dicom
 from pipeline.enrollment import Enrollee
 from pipeline.home import REPO_ROOT
 from pipeline.protocol import load_protocol
+from tests.accounting import process
 
 SUBJECT = Subject(Enrollee("DEMO-01-00002", "SITE-01", "B", dt.date(2022, 5, 2)), "BASELINE")
 BANNER = """
@@ -70,7 +71,7 @@ def test_compressed_pixels_at_risk_are_refused_even_with_a_region(home, protocol
 
 
 def test_in_a_batch_the_refused_image_is_quarantined_as_burned_in(enrolled, trial):
-    from pipeline import batch, intake, ledger
+    from pipeline import intake, ledger
 
     planned = next(b for b in trial.batches if b.expect == "done" and not b.bad_files)
     folder = planned.folder
@@ -82,8 +83,7 @@ def test_in_a_batch_the_refused_image_is_quarantined_as_burned_in(enrolled, tria
     batch_id = intake.stage_batch(
         enrolled, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [folder]
     )
-    for step in batch.TASKS:
-        batch.run_task(step, batch_id, enrolled)
+    process(enrolled, batch_id)
     reasons = {f["reason"] for f in ledger.file_rows(enrolled, batch_id) if f["reason"]}
     assert reasons == {"burned_in_annotation"}
     assert ledger.batch_summary(enrolled, batch_id)["state"] == "done"

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import redis
 
-from pipeline import db, enrollment, intake, ledger, tables
+from pipeline import db, enrollment, intake, ledger, preload, tables
 from pipeline.cluster import COMPONENTS, Cluster, cluster_env
 from pipeline.embedded import INGEST_POOL, free_port
 from pipeline.home import REPO_ROOT, DataHome, data_home
@@ -274,12 +274,7 @@ def test_every_component_ran_as_its_own_process_and_stopped_cleanly(deployment):
     assert len(set(pids.values())) == len(pids)
     assert all(deployment["alive"].values()), deployment["alive"]
     # The worker, whose pool and task processes are forked from it, has the pipeline loaded.
-    assert deployment["commands"]["celery-worker"][1:5] == [
-        "-m",
-        "pipeline.preload",
-        "celery",
-        "worker",
-    ]
+    assert deployment["commands"]["celery-worker"][:5] == [*preload.command(), "celery", "worker"]
     # Each one exited by itself on SIGTERM, with success, and took its processes with it:
     # stopping had to kill nothing (it would have, and said so).
     assert deployment["exit_codes"] == dict.fromkeys(COMPONENTS, 0)

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline import ledger
 from pipeline.cli import main
+from tests.accounting import process
 
 
 def run(capsys, home, *args):
@@ -198,14 +199,13 @@ def test_deid_dry_run_refuses_an_unenrolled_subject(capsys, enrolled, trial, tmp
 
 
 def test_the_crosswalk_exports_old_and_new_ids_for_a_reviewer(capsys, enrolled, trial, tmp_path):
-    from pipeline import batch, intake
+    from pipeline import intake
 
     planned = trial.batches[1]
     batch_id = intake.stage_batch(
         enrolled, "DEMO-01", planned.site_id, planned.subject_id, planned.visit, [planned.folder]
     )
-    for step in batch.TASKS:
-        batch.run_task(step, batch_id, enrolled)
+    process(enrolled, batch_id)
     target = tmp_path / "crosswalk.csv"
     code, _, _ = run(capsys, enrolled, "crosswalk", "export", "--protocol", "DEMO-01", str(target))
     lines = target.read_text().splitlines()
@@ -218,12 +218,10 @@ def test_the_crosswalk_exports_old_and_new_ids_for_a_reviewer(capsys, enrolled, 
 
 
 def _process_all(home, trial):
-    from pipeline import batch
     from pipeline.demo import upload_trial
 
     for batch_id in upload_trial(home, trial):
-        for step in batch.TASKS:
-            batch.run_task(step, batch_id, home)
+        process(home, batch_id)
 
 
 def test_query_prints_a_table_csv_or_json_and_refuses_bad_sql(capsys, enrolled, trial):

@@ -98,6 +98,37 @@ def test_references_in_nested_sequences_follow_the_same_mapping(deidentifier, or
     assert nested.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == out.SOPInstanceUID
 
 
+def test_every_file_of_a_batch_is_stamped_in_its_own_encoding(deidentifier, trial, tmp_path):
+    """The code sequence is encoded once per batch and encoding: files of either little
+    endian encoding, de-identified one after the other, each carry it, readable."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    from pipeline.dicomio import read_upload, write_dicom
+
+    sources = sorted((trial.batches[0].folder / "CT").glob("CT2_000*.dcm"))[:2]
+    stamped = []
+    for round_number in range(2):  # the second round takes the encoded stamps made before
+        for n, syntax in enumerate((ImplicitVRLittleEndian, ExplicitVRLittleEndian)):
+            ds = pydicom.dcmread(sources[n])
+            ds.file_meta.TransferSyntaxUID = syntax
+            written = tmp_path / f"{round_number}-{syntax.name}.dcm"
+            ds.save_as(tmp_path / "in.dcm", enforce_file_format=True)
+            upload = read_upload((tmp_path / "in.dcm").read_bytes())
+            deidentifier.apply(upload.dataset, upload.encoded)
+            write_dicom(upload.dataset, written, upload.pixels)
+            back = pydicom.dcmread(written)
+            assert back.file_meta.TransferSyntaxUID == syntax
+            stamped.append(
+                [
+                    (i.CodeValue, i.CodingSchemeDesignator, i.CodeMeaning)
+                    for i in back.DeidentificationMethodCodeSequence
+                ]
+            )
+    assert stamped[0][0] == ("113100", "DCM", "Basic Application Confidentiality Profile")
+    assert {"113105", "113107", "113108", "113109"} <= {code for code, _, _ in stamped[0]}
+    assert all(codes == stamped[0] for codes in stamped)
+
+
 def test_private_elements_are_removed(deidentifier, original):
     assert any(e.tag.is_private for e in original.iterall())
     deidentifier.apply(original)

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy
 from sqlalchemy import text
 
-from pipeline import __version__, batch, db, intake, ledger
+from pipeline import __version__, db, intake, ledger
 from pipeline.cli import main
 from pipeline.demo import upload_trial
 from pipeline.home import DataHome
@@ -32,8 +32,7 @@ def any_ledger(request, enrolled):
 def _process(home, trial):
     expected = upload_trial(home, trial)
     for batch_id in expected:
-        for step in batch.TASKS:
-            batch.run_task(step, batch_id, home, run_id=f"run-of-{batch_id}")
+        process(home, batch_id, run_id=f"run-of-{batch_id}")
     return expected
 
 
@@ -119,8 +118,7 @@ def test_the_ledger_records_uploader_upload_time_and_versions(any_ledger, trial,
         uploader="coordinator-site-03",
     )
     uploaded = dt.datetime.now(dt.UTC)
-    for step in batch.TASKS:
-        batch.run_task(step, batch_id, any_ledger, run_id="run-1")
+    process(any_ledger, batch_id, run_id="run-1")
     trail = ledger.trail(any_ledger, batch_id)
     assert trail["batch"]["uploader"] == "coordinator-site-03"
     assert start <= trail["batch"]["uploaded_at"] <= uploaded

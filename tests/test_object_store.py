@@ -281,8 +281,7 @@ def test_quarantine_on_the_object_store_holds_the_originals_until_released(
     home = s3_quarantine_home
     planned = next(b for b in trial.batches if b.expect == "unenrolled_subject")
     batch_id = stage(home, planned, check=False)[0]  # by a drop folder: the client would refuse it
-    for step in ("claim", "deidentify", "verify", "validate", "write_tables", "route"):
-        batch.run_task(step, batch_id, home)
+    process(home, batch_id, steps=tuple(batch.TASKS)[:-1])  # all but finalize
     # A finalize cut off after it had put the originals: the retry uploads none again.
     worklist = batch._load(home, batch_id, "route")
     refused = [

@@ -5,10 +5,12 @@ import subprocess
 import sys
 from importlib.metadata import version
 
+from pipeline.preload import command
+
 
 def test_preload_hands_every_argument_to_airflows_cli():
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.preload", "version"],
+        [*command(), "version"],
         capture_output=True,
         text=True,
         check=True,
