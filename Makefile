@@ -33,7 +33,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 # Throughput of every contender on the same generated files, ratios to plain pydicom I/O,
-# in 3 rounds (about a quarter of an hour); writes docs/benchmarks.md.
+# in 3 rounds (about 25 minutes); writes docs/benchmarks.md.
 # BENCH_ARGS="--ct 200 --mr 0 --small 0 --dag-files 400 --repeat 1" for a quick look.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --out docs/benchmarks.md $(BENCH_ARGS)

@@ -4,6 +4,8 @@ python -m benchmarks.contenders plain IN OUT       pydicom read + write: the flo
 python -m benchmarks.contenders deid IN OUT RECIPE deid's replace_identifiers, naive use
 python -m benchmarks.contenders dicognito IN OUT   dicognito's Anonymizer, a peer
 python -m benchmarks.contenders library HOME BATCH trialpipe's tasks in one process
+python -m benchmarks.contenders imports [workers]  only the modules trialpipe's tasks import
+                                                   (with workers: those each worker needs)
 """
 
 from __future__ import annotations
@@ -72,6 +74,18 @@ def library(home: Path, batch_id: str) -> int:
     return int(row["files"])
 
 
+def imports(workers_only: bool) -> int:
+    """Import what the tasks import, and stop: the start-up no batch can avoid."""
+    if workers_only:
+        # What a worker runs on every file: pydicom and deid (the recipe, the writer).
+        from pipeline import batch, deidentify  # noqa: F401
+    else:
+        from pipeline.preload import preload
+
+        preload()
+    return 0
+
+
 def main(argv: list[str]) -> None:
     kind, *args = argv
     if kind == "plain":
@@ -82,6 +96,8 @@ def main(argv: list[str]) -> None:
         dicognito(Path(args[0]), Path(args[1]))
     elif kind == "library":
         library(Path(args[0]), args[1])
+    elif kind == "imports":
+        imports(args == ["workers"])
     else:
         raise SystemExit(f"unknown contender {kind}")
 

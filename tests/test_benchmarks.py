@@ -5,7 +5,16 @@ import json
 import subprocess
 import sys
 
-from benchmarks.run import ONE, PLAIN, _fixed_and_per_file, report
+from benchmarks.run import (
+    IMPORTS,
+    ONE,
+    PLAIN,
+    START,
+    WORKER_IMPORTS,
+    _fixed_and_per_file,
+    _start_up_floor,
+    report,
+)
 
 
 def test_the_benchmark_runs_every_contender_on_the_same_files(tmp_path):
@@ -49,9 +58,11 @@ def test_the_benchmark_runs_every_contender_on_the_same_files(tmp_path):
     }
     for corpus in ("CT 4", "MR 2", "CT 1"):
         assert {r["contender"] for r in rows if r["corpus"] == corpus} == contenders
+    assert {r["contender"] for r in rows if r["corpus"] == START} == {IMPORTS, WORKER_IMPORTS}
     for row in rows:
-        assert row["files"] == int(row["corpus"].split()[-1]) and row["x_plain"] > 0
         assert len(row["rounds"]) == 2
+        if row["corpus"] != START:
+            assert row["files"] == int(row["corpus"].split()[-1]) and row["x_plain"] > 0
     for name in ("plain", "deid", "dicognito", "trialpipe-1", "trialpipe-2"):
         written = list((work / "out" / "CT 4" / name).glob("*.dcm"))
         assert len(written) == 4, name
@@ -62,6 +73,7 @@ def test_the_benchmark_runs_every_contender_on_the_same_files(tmp_path):
     # Each tool's fixed cost and per-file cost, from the one-slice run beside the CT run
     # (four files may not tell them apart: test_the_report_splits_fixed_and_per_file_cost).
     assert report(rows, "x").count("  - once started: ") == 2
+    assert report(rows, "x").count("  - start-up floor: ") == 1
 
 
 def _row(corpus, contender, files, wall_s):
@@ -83,3 +95,22 @@ def test_the_report_splits_fixed_and_per_file_cost():
         " processes, 1.83× faster."
     )
     assert _fixed_and_per_file(by, "CT 1000", "trialpipe library pipeline") == ""
+
+
+def test_the_report_bounds_the_targets_by_the_start_up():
+    rows = [
+        _row(ONE, PLAIN, 1, 0.5),
+        _row("CT 1000", PLAIN, 1000, 4.5),  # 4 s of files after a 0.5 s start
+        _row(START, IMPORTS, 0, 3.0),
+        _row(START, WORKER_IMPORTS, 0, 1.5),
+    ]
+    by = {(r["corpus"], r["contender"]): r for r in rows}
+    # 4.5 / (3 + 4) = 0.64; 2 x 4.5 / 9 = 1.0 s allowed for the workers' 1.5 s.
+    assert _start_up_floor(by, "CT 1000") == (
+        "  - start-up floor: trialpipe's imports alone take 3.0 s (1.5 s of them what every"
+        " worker needs); were every file then as cheap as plain's (4.0 s for all), the"
+        " 1-process ratio would be 0.64×. Both targets together need the workers' start-up"
+        " under 2/9 of plain's time, 1.0 s here: it is 1.5 s."
+    )
+    del by[(START, WORKER_IMPORTS)]
+    assert _start_up_floor(by, "CT 1000") == ""
