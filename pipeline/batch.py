@@ -361,8 +361,7 @@ def deidentify(
     the batch is one patient, the same patient as the subject's earlier batches.
     ``meanwhile`` runs in this process while the workers work (see
     :func:`pipeline.parallel.map_files`)."""
-    # deid (and the matplotlib it imports) loads here, not in every task that imports
-    # this module: a second saved per Airflow task process.
+    # deid loads here, not in every task process that imports this module.
     from pipeline.deidentify import Deidentifier, Subject
     from pipeline.validate import required_keywords
 

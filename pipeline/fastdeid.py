@@ -28,17 +28,23 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from deid.config import DeidRecipe
-from deid.dicom.fields import DicomField
-from deid.dicom.tags import get_tag
-from deid.utils.actions import parse_value
 from pydicom.datadict import DicomDictionary
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
+from pipeline import deferred
 from pipeline.dicomio import element_vr
 from pipeline.dicomscan import keyword, tag_text
+
+# deid imports matplotlib to draw cleaned images, which trialpipe never asks of it: put
+# off until used (before deid is first imported, here).
+deferred.defer(("matplotlib", "matplotlib.pyplot"))
+
+from deid.config import DeidRecipe  # noqa: E402
+from deid.dicom.fields import DicomField  # noqa: E402
+from deid.dicom.tags import get_tag  # noqa: E402
+from deid.utils.actions import parse_value  # noqa: E402
 
 _SUPPORTED = {"REMOVE", "BLANK", "REPLACE", "ADD", "KEEP"}
 _PLAIN = re.compile(r"^[A-Za-z0-9]+$|^\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)$")

@@ -15,69 +15,31 @@ and each batch's ``static`` is a link to it.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
-import importlib.util
 import os
 import re
 import shutil
-import sys
-import types
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import deferred
 from pipeline.protocol import Protocol, TagRule
 from pipeline.reasons import Reason
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 # Modules Great Expectations imports when it is imported, for expectations and renderers
-# trialpipe never uses (distribution tests, charts): half its import time. They are
-# imported on first use instead.
+# trialpipe never uses (distribution tests, charts): half its import time.
 _UNUSED_AT_IMPORT = ("scipy.stats", "altair")
-
-
-class _Deferred(types.ModuleType):
-    """A module that imports itself when first used (any attribute but its spec)."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(_import_deferred(self.__name__), name)
-
-
-def _import_deferred(name: str) -> types.ModuleType:
-    if isinstance(sys.modules.get(name), _Deferred):
-        del sys.modules[name]
-        _bind(name, importlib.import_module(name))
-    return sys.modules[name]
-
-
-def _bind(name: str, module: types.ModuleType) -> None:
-    """Make ``module`` what ``import name`` (and its parent package's attribute) gives."""
-    sys.modules[name] = module
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, module)
 
 
 def load() -> None:
     """Import Great Expectations (and pandas), as :func:`check_batch` does first: a caller
     may do it ahead, while other work runs."""
-    _defer_unused_imports()
+    deferred.defer(_UNUSED_AT_IMPORT)
     import great_expectations  # noqa: F401
     import pandas  # noqa: F401
-
-
-def _defer_unused_imports() -> None:
-    for name in _UNUSED_AT_IMPORT:
-        if name in sys.modules:
-            continue
-        spec = importlib.util.find_spec(name)
-        if spec is None:
-            continue
-        module = _Deferred(name)
-        module.__spec__, module.__loader__ = spec, spec.loader
-        _bind(name, module)
 
 
 # A finite number as :func:`normalise` writes it (Python's float repr: no inf, no nan).
