@@ -7,7 +7,6 @@ from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, MetaData, Table, create_engine, event, text
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.dml import Insert
@@ -40,8 +39,13 @@ def insert_if_absent(conn: Connection, table: Table) -> Insert:
     """An INSERT into ``table`` that skips each row whose primary key is already there
     (ON CONFLICT DO NOTHING, on SQLite and PostgreSQL), so writers adding the same rows at
     once never collide: on PostgreSQL the second waits for the first, then skips."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table).on_conflict_do_nothing(
+    # Imported here: only a PostgreSQL deployment loads SQLAlchemy's PostgreSQL dialect
+    # (a tenth of a second of every process's start-up otherwise).
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).on_conflict_do_nothing(
         index_elements=list(table.primary_key.columns)
     )
 
