@@ -45,9 +45,7 @@ def insert_if_absent(conn: Connection, table: Table) -> Insert:
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    return insert(table).on_conflict_do_nothing(
-        index_elements=list(table.primary_key.columns)
-    )
+    return insert(table).on_conflict_do_nothing(index_elements=list(table.primary_key.columns))
 
 
 _created: set[tuple[str, int]] = set()
