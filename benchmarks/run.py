@@ -136,24 +136,35 @@ def _fresh(folder: Path) -> Path:
 PLAIN = "plain pydicom read+write"
 
 
+CONTENDER = [PYTHON, "-m", "benchmarks.contenders"]
+
+
+def _start_up_runs() -> list[Run]:
+    """The two import-only processes, on no file (see :data:`START`)."""
+    imports = [*CONTENDER, "imports"]
+    return [
+        Run(START, IMPORTS, lambda: imports),
+        Run(START, WORKER_IMPORTS, lambda: [*imports, "workers"]),
+    ]
+
+
 def _contenders(work: Path, corpus: Corpus, label: str, folder: Path, recipe: Path) -> list[Run]:
     out = work / "out" / label
-    contender = [PYTHON, "-m", "benchmarks.contenders"]
     runs = [
         Run(
             label,
             PLAIN,
-            lambda: [*contender, "plain", str(folder), str(_fresh(out / "plain"))],
+            lambda: [*CONTENDER, "plain", str(folder), str(_fresh(out / "plain"))],
         ),
         Run(
             label,
             "deid replace_identifiers (naive)",
-            lambda: [*contender, "deid", str(folder), str(_fresh(out / "deid")), str(recipe)],
+            lambda: [*CONTENDER, "deid", str(folder), str(_fresh(out / "deid")), str(recipe)],
         ),
         Run(
             label,
             "dicognito",
-            lambda: [*contender, "dicognito", str(folder), str(_fresh(out / "dicognito"))],
+            lambda: [*CONTENDER, "dicognito", str(folder), str(_fresh(out / "dicognito"))],
         ),
     ]
     for processes in (1, 2):
@@ -173,7 +184,7 @@ def _contenders(work: Path, corpus: Corpus, label: str, folder: Path, recipe: Pa
 
         def library(processes: int = processes) -> list[str]:
             home = _home(work, f"library-{label}-{processes}", corpus)
-            return [*contender, "library", str(home), _upload(home, corpus, folder)]
+            return [*CONTENDER, "library", str(home), _upload(home, corpus, folder)]
 
         workers = {"TRIALPIPE_WORKERS": str(processes)}
         runs.append(Run(label, f"trialpipe deid ({processes} process{plural})", dry_run, workers))
@@ -338,9 +349,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         sizes[label] = _size(folder)
         runs += _contenders(work, corpus, label, folder, recipe)
     sizes[START] = (0, 0.0)
-    contender = [PYTHON, "-m", "benchmarks.contenders", "imports"]
-    runs.append(Run(START, IMPORTS, lambda: contender))
-    runs.append(Run(START, WORKER_IMPORTS, lambda: [*contender, "workers"]))
+    runs += _start_up_runs()
     rows += _measure_runs(runs, args.repeat)
     if args.dag_files:
         label = f"CT batch {args.dag_files}"

@@ -23,25 +23,31 @@ class _StandIn(types.ModuleType):
     """A module not imported yet: any attribute but those set here imports it."""
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(real(self.__name__), name)
+        return getattr(_real(self.__name__), name)
 
 
-class _BackendChoice:
-    """``matplotlib.use``: deid picks a backend when it is imported; kept, and made on the
-    real module once it is imported (or at once, if it is)."""
+class _KeptCall:
+    """A function of a module not imported yet that a library calls when it is itself
+    imported (deid's ``matplotlib.use("pdf")``): each call is kept and made on the real
+    module once it is imported, or made at once if it is."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: str, function: str) -> None:
+        self.module, self.function = module, function
         self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
-        module = sys.modules.get("matplotlib")
-        if module is not None and not isinstance(module, _StandIn):
-            module.use(*args, **kwargs)
+        imported = sys.modules.get(self.module)
+        if imported is not None and not isinstance(imported, _StandIn):
+            getattr(imported, self.function)(*args, **kwargs)
         else:
             self.calls.append((args, kwargs))
 
+    def replay(self, imported: types.ModuleType) -> None:
+        for args, kwargs in self.calls:
+            getattr(imported, self.function)(*args, **kwargs)
 
-# What a stand-in answers itself, without importing its module: calls to replay once it is.
+
+# The functions a stand-in answers itself, without importing its module.
 _KEPT_CALLS = {"matplotlib": "use"}
 
 
@@ -60,25 +66,23 @@ def defer(names: Iterable[str]) -> None:
             # A package's submodules are found without importing the package.
             module.__path__ = list(spec.submodule_search_locations)
         if name in _KEPT_CALLS:
-            setattr(module, _KEPT_CALLS[name], _BackendChoice())
+            setattr(module, _KEPT_CALLS[name], _KeptCall(name, _KEPT_CALLS[name]))
         _bind(name, module)
 
 
-def real(name: str) -> types.ModuleType:
+def _real(name: str) -> types.ModuleType:
     """The module ``name``, imported now if a stand-in held its place (its deferred
     parents first, so the real module is imported into the real package)."""
     parent = name.rpartition(".")[0]
     if parent:
-        real(parent)
+        _real(parent)
     module = sys.modules.get(name)
     if isinstance(module, _StandIn):
         del sys.modules[name]
         imported = importlib.import_module(name)
         _bind(name, imported)
-        kept = _KEPT_CALLS.get(name)
-        if kept:
-            for args, kwargs in getattr(module, kept).calls:
-                getattr(imported, kept)(*args, **kwargs)
+        if name in _KEPT_CALLS:
+            getattr(module, _KEPT_CALLS[name]).replay(imported)
         return imported
     return importlib.import_module(name) if module is None else module
 
