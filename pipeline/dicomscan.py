@@ -15,6 +15,7 @@ import mmap
 import struct
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
@@ -53,9 +54,21 @@ def file_texts(path: Path) -> list[tuple[int, list[str]]] | None:
 
 
 def _scan_file(data: mmap.mmap) -> list[tuple[int, list[str]]]:
+    meta, position, implicit = _file_meta(data)
+    found = [(tag, _texts(vr, value, "latin-1")) for tag, vr, value in meta]
+    _scan(data, position, len(data), implicit, "latin-1", found)
+    return found
+
+
+def _file_meta(
+    data: bytes | mmap.mmap,
+) -> tuple[list[tuple[int, str, bytes]], int, bool]:
+    """The file meta's elements (tag, VR, value), where the dataset starts and whether it
+    is implicit VR; :class:`Unsupported` unless the file has a preamble and its dataset is
+    little endian and not deflated."""
     if data[128:132] != b"DICM":
         raise Unsupported
-    found: list[tuple[int, list[str]]] = []
+    meta: list[tuple[int, str, bytes]] = []
     position, syntax = 132, None
     while position + 8 <= len(data):  # the file meta: explicit VR little endian, group 2
         (group,) = struct.unpack_from("<H", data, position)
@@ -63,7 +76,7 @@ def _scan_file(data: mmap.mmap) -> list[tuple[int, list[str]]]:
             break
         tag, vr, length, position = element_header(data, position, implicit=False)
         value = data[position : position + length]
-        found.append((tag, _texts(vr, value, "latin-1")))
+        meta.append((tag, vr, value))
         if tag == 0x00020010:
             syntax = value.decode("latin-1").rstrip("\x00 ")
         position += length
@@ -72,9 +85,49 @@ def _scan_file(data: mmap.mmap) -> list[tuple[int, list[str]]]:
         raise Unsupported
     if not uid.is_little_endian:
         raise Unsupported  # big endian: pydicom's job
-    implicit = uid.is_implicit_VR
-    _scan(data, position, len(data), implicit, "latin-1", found)
-    return found
+    return meta, position, uid.is_implicit_VR
+
+
+class TopLevel(NamedTuple):
+    """One top-level element of a file's dataset, located in the file's bytes."""
+
+    tag: int
+    vr: str  # as encoded; for implicit VR the dictionary's ("" when it has none)
+    start: int  # where the element's header starts
+    value: int  # where its value starts
+    end: int  # where its value ends (before a sequence or item delimiter)
+    undefined: bool  # encoded with undefined length
+
+    @property
+    def is_sequence(self) -> bool:
+        """A sequence (or an undefined-length UN, which pydicom reads as one)."""
+        return self.tag not in PIXEL_TAGS and (self.vr == "SQ" or self.undefined)
+
+
+def top_level(data: bytes) -> tuple[list[TopLevel], bool] | None:
+    """The top-level elements of the dataset in ``data`` (a whole file; the file meta is
+    not listed) and whether it is implicit VR; None when pydicom must read the file.
+
+    Only lengths are followed: values are not decoded, sequences not entered except to
+    find where one of undefined length ends."""
+    try:
+        _, position, implicit = _file_meta(data)
+        found: list[TopLevel] = []
+        while position + 8 <= len(data):
+            start = position
+            tag, vr, length, position = _raw_header(data, position, implicit)
+            if length == UNDEFINED_LENGTH:
+                value = position
+                end, position = _undefined_end(data, position, implicit or vr == "UN")
+                found.append(TopLevel(tag, vr, start, value, end, True))
+                continue
+            if position + length > len(data):
+                raise Unsupported
+            found.append(TopLevel(tag, vr, start, position, position + length, False))
+            position += length
+        return found, implicit
+    except (Unsupported, struct.error, UnicodeDecodeError, ValueError):
+        return None
 
 
 def _scan(
@@ -133,6 +186,48 @@ def _items(
     if length == UNDEFINED_LENGTH:
         raise Unsupported  # no sequence delimiter before the end
     return stop
+
+
+def _raw_header(data: bytes, position: int, implicit: bool) -> tuple[int, str, int, int]:
+    """Like :func:`element_header`, but an implicit VR element's VR is the dictionary's
+    or "" (never :class:`Unsupported`): only its length is needed to step over it."""
+    if not implicit:
+        return element_header(data, position, implicit=False)
+    group, element, length = struct.unpack_from("<HHL", data, position)
+    tag = (group << 16) | element
+    return tag, _dictionary_vr(tag), length, position + 8
+
+
+@lru_cache(maxsize=4096)
+def _dictionary_vr(tag: int) -> str:
+    return dictionary_VR(tag) if not tag >> 16 & 1 and dictionary_has_tag(tag) else ""
+
+
+def _undefined_end(data: bytes, position: int, implicit: bool) -> tuple[int, int]:
+    """For an undefined-length value (sequence items, or pixel data fragments) starting at
+    ``position``: where it ends before its sequence delimiter, and where the delimiter
+    ends. An undefined-length UN's items are implicit VR (PS3.5 6.2.2), so ``implicit``
+    is the items' encoding."""
+    while position + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHL", data, position)
+        tag = (group << 16) | element
+        if tag == _SEQUENCE_END:
+            return position, position + 8
+        if tag != _ITEM:
+            raise Unsupported
+        position += 8
+        if length != UNDEFINED_LENGTH:
+            position += length
+            continue
+        while True:  # an undefined-length item: its elements, to its delimiter
+            item_tag, vr, item_length, position = _raw_header(data, position, implicit)
+            if item_tag == _ITEM_END:
+                break
+            if item_length == UNDEFINED_LENGTH:
+                _, position = _undefined_end(data, position, implicit or vr == "UN")
+            else:
+                position += item_length
+    raise Unsupported
 
 
 def _skip_pixels(data: mmap.mmap, position: int, length: int) -> int:

@@ -8,17 +8,19 @@ would archive. Nothing touches the archive, the ledger, the tables or the crossw
 
 from __future__ import annotations
 
+import io
 import shutil
-import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.filereader import read_dataset
+from pydicom.sequence import Sequence
 
 from pipeline import atomic, batch, enrollment, intake, parallel, restricted
-from pipeline.dicomscan import attribute_name
+from pipeline.dicomscan import TopLevel, attribute_name, top_level
 from pipeline.home import DataHome
 from pipeline.intake import UploadRefused
 from pipeline.pseudonyms import trial_secret
@@ -115,9 +117,13 @@ def _report(entry: batch.FileEntry) -> dict[str, list[str]]:
 def changes(original: Path, output: Path) -> dict[str, list[str]]:
     """What de-identification did to each top-level attribute, by name (never by value).
 
-    The headers are compared by the bytes of each element (only an element already
-    decoded is compared by value), the pixel data by its bytes."""
-    before, after = _top_level(original), _top_level(output)
+    Elements are compared by their bytes as encoded, sequences by their items' values (a
+    sequence written again unchanged is kept), the pixel data by its bytes."""
+    return compare(*_top_levels(original.read_bytes(), output.read_bytes()))
+
+
+def compare(before: dict[int, Any], after: dict[int, Any]) -> dict[str, list[str]]:
+    """The actions ``changes`` reports, from each file's top-level elements by tag."""
     done: dict[str, list[str]] = {"removed": [], "emptied": [], "replaced": [], "kept": []}
     for tag, was in before.items():
         name = attribute_name(tag)
@@ -133,26 +139,68 @@ def changes(original: Path, output: Path) -> dict[str, list[str]]:
     return done
 
 
-def _top_level(path: Path) -> dict[int, Any]:
-    """Each top-level element of the file: its bytes as read (its value once decoded),
-    the pixel data as the rest of the file after the header."""
-    with path.open("rb") as handle:
-        ds = pydicom.dcmread(handle, stop_before_pixels=True, force=True)
-        found: dict[int, Any] = {
-            int(tag): element.value if element.is_raw else ds[tag].value
-            for tag, element in ds._dict.items()
-        }
-        pixels = handle.read()
-    if pixels:
-        group, number = struct.unpack_from("<HH", pixels)
-        found[(group << 16) | number] = pixels
-    return found
+def _top_levels(original: bytes, output: bytes) -> tuple[dict[int, Any], dict[int, Any]]:
+    """Both files' top-level elements, read the same way: from their bytes where
+    :func:`~pipeline.dicomscan.top_level` can walk both, else by pydicom."""
+    walked = top_level(original), top_level(output)
+    if walked[0] is None or walked[1] is None:
+        return read_by_pydicom(original), read_by_pydicom(output)
+    return _from_bytes(original, *walked[0]), _from_bytes(output, *walked[1])
+
+
+def _from_bytes(data: bytes, elements: list[TopLevel], implicit: bool) -> dict[int, Any]:
+    return {element.tag: _Encoded(data, element, implicit) for element in elements}
+
+
+@dataclass(frozen=True, eq=False)
+class _Encoded:
+    """A top-level element as encoded in its file's bytes, compared without copying them
+    (a CT slice's pixel data is half a megabyte) and parsed only when it must be: a
+    sequence whose bytes differ is compared by its items' values."""
+
+    data: bytes
+    element: TopLevel
+    implicit: bool
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Encoded):
+            return NotImplemented
+        mine, theirs = self.element, other.element
+        if mine.end - mine.value == theirs.end - theirs.value and self.data.startswith(
+            memoryview(other.data)[theirs.value : theirs.end], mine.value
+        ):
+            return True
+        return mine.is_sequence and theirs.is_sequence and self.parsed() == other.parsed()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def parsed(self) -> Any:
+        """The value: its bytes, or a sequence as pydicom reads it (from its own bytes)."""
+        element = self.element
+        if not element.is_sequence:
+            return self.data[element.value : element.end]
+        raw = io.BytesIO(self.data[element.start : element.end + 8 * element.undefined])
+        return read_dataset(raw, self.implicit, True)[element.tag].value
+
+
+def read_by_pydicom(data: bytes) -> dict[int, Any]:
+    """A file's top-level elements as pydicom reads them, for :func:`compare`: each
+    element's bytes as read (a sequence's value). The way for files the byte walk leaves
+    to pydicom, and the walk's reference in the tests."""
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    # An empty value read as an unknown VR is None: it is empty bytes as encoded.
+    return {
+        int(tag): (element.value or b"") if element.is_raw else ds[tag].value
+        for tag, element in ds._dict.items()
+    }
 
 
 def _empty(value: Any) -> bool:
+    if isinstance(value, _Encoded):
+        value = value.parsed()
     if isinstance(value, bytes):
         return not value.strip(b" \x00")
-    return value in (None, "", b"")
+    return value in (None, "", b"") or (isinstance(value, Sequence) and not value)
 
 
 def _seed(home: DataHome, sandbox: DataHome, protocol_id: str, subject_id: str) -> None:

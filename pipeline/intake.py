@@ -112,8 +112,9 @@ def stage_batch(
     With ``check`` (the client's behaviour) the upload is refused when the protocol, site,
     visit or enrollment is wrong. ``check=False`` models a batch that reached the inbox by
     another route (a drop folder), which the DAG must then judge on its own. ``link``
-    hard-links the files instead where it can (the dry run: its throw-away inbox is never
-    written in place, and an upload must be a copy the site cannot change afterwards).
+    hard-links the files instead where it can, and lists no checksums (the dry run: its
+    throw-away inbox is never written in place, and an upload must be a copy the site
+    cannot change afterwards).
     """
     if check:
         check_upload(home, protocol_id, site_id, subject_id, visit)
@@ -135,9 +136,10 @@ def stage_batch(
         else:
             store.put_file(source, target)  # one upload, whole or not at all
             written = source
-        entries.append(
-            {"path": name, "sha256": sha256_file(written), "size": written.stat().st_size}
-        )
+        # Linked, the batch's file is the caller's own, not a copy whose checksum could
+        # show it changed between upload and claim: the dry run hashes no input twice.
+        checksum = {} if link else {"sha256": sha256_file(written)}
+        entries.append({"path": name, **checksum, "size": written.stat().st_size})
     manifest = {
         "batch_id": batch_id,
         "protocol_id": protocol_id,
