@@ -162,3 +162,46 @@ print(loaded, round(float(scipy.stats.norm.cdf(0)), 2), type(sys.modules["scipy.
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == ["[]", "0.5", "module"]
+
+
+def test_a_batchs_data_docs_reuse_the_templates_an_earlier_process_compiled(tmp_path):
+    """GX compiles its Jinja templates for every view of every batch; the bytecode cache
+    (under the temporary directory) lets a later validate task load them instead."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from pathlib import Path
+import jinja2
+from pipeline.protocol import load_protocol
+from pipeline.validate import check_batch
+compiled = []
+original = jinja2.Environment.compile
+def counted(self, source, name=None, *args, **kwargs):
+    compiled.append(name)
+    return original(self, source, name, *args, **kwargs)
+jinja2.Environment.compile = counted
+rows = [{"file_no": 0, "Modality": "CT", "SliceThickness": "9"}]
+docs = Path(sys.argv[1])
+assert check_batch(load_protocol("DEMO-01"), rows, docs, run_name="batch-1")
+(page,) = docs.glob("validations/**/*.html")
+assert "SliceThickness" in page.read_text()
+print(len(compiled))
+"""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+
+    def compiled(docs: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / docs)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        return int(run.stdout.split()[-1])
+
+    assert compiled("first") > 20  # GX's page, section and component templates
+    assert compiled("second") == 0
+    assert any(tmp_path.glob("_jinja2-cache-*/__jinja2_*.cache"))
