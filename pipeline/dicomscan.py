@@ -20,7 +20,7 @@ from typing import NamedTuple
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
 # VRs: text in the dataset's character set (the other string VRs are ASCII), binary data,
 # binary numbers (struct formats).
@@ -32,6 +32,7 @@ NUMBER_FORMATS |= {"UV": "Q", "SV": "q"}
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 UNDEFINED_LENGTH = 0xFFFFFFFF
 _LONG = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
+_VRS = frozenset(vr.value for vr in VR if " " not in vr.value)
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _CHARSET_TAG = 0x00080005
 
@@ -192,7 +193,10 @@ def _raw_header(data: bytes, position: int, implicit: bool) -> tuple[int, str, i
     """Like :func:`element_header`, but an implicit VR element's VR is the dictionary's
     or "" (never :class:`Unsupported`): only its length is needed to step over it."""
     if not implicit:
-        return element_header(data, position, implicit=False)
+        found = element_header(data, position, implicit=False)
+        if found[1] not in _VRS and found[0] >> 16 != 0xFFFE:
+            raise Unsupported  # not a VR: pydicom decides how to read on
+        return found
     group, element, length = struct.unpack_from("<HHL", data, position)
     tag = (group << 16) | element
     return tag, _dictionary_vr(tag), length, position + 8

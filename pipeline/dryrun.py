@@ -180,7 +180,10 @@ class _Encoded:
         if not element.is_sequence:
             return self.data[element.value : element.end]
         raw = io.BytesIO(self.data[element.start : element.end + 8 * element.undefined])
-        return read_dataset(raw, self.implicit, True)[element.tag].value
+        try:
+            return read_dataset(raw, self.implicit, True)[element.tag].value
+        except Exception:  # pydicom raises anything on a malformed sequence
+            return self.data[element.value : element.end]  # then compared by its bytes
 
 
 def read_by_pydicom(data: bytes) -> dict[int, Any]:

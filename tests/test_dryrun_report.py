@@ -86,3 +86,18 @@ def test_the_report_from_the_bytes_says_what_pydicom_reading_says(path, tmp_path
         compared += 1
     if ds.get("PatientID") is not None and compared == 2:
         assert "PatientID" in by_bytes["replaced"]
+
+
+def test_an_element_whose_vr_the_walk_does_not_know_leaves_the_file_to_pydicom(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    assert top_level(data) is not None
+    # (0008,0008) Image Type, CS: its VR made two bytes no VR is.
+    at = data.index(b"\x08\x00\x08\x00CS")
+    broken = data[: at + 4] + b"ZZ" + data[at + 6 :]
+    assert top_level(broken) is None
+    (tmp_path / "in.dcm").write_bytes(data)
+    (tmp_path / "out.dcm").write_bytes(broken)
+    report = dryrun.changes(tmp_path / "in.dcm", tmp_path / "out.dcm")
+    assert "PatientName" in report["kept"] and "PixelData" in report["kept"]
