@@ -415,6 +415,23 @@ def _start_up_floor(by: dict[tuple[str, str], dict], corpus: str) -> str:
     )
 
 
+def _waiting(by: dict[tuple[str, str], dict], corpus: str) -> str:
+    """A warning when plain read+write spent a tenth or more of its wall time off the CPU
+    (waiting on the disk): then every wall ratio to it is kinder than the work is, and the
+    per-CPU-second ratios are the steadier comparison."""
+    plain = by.get((corpus, PLAIN))
+    if not plain or plain["wall_s"] <= 0:
+        return ""
+    waiting = 1 - plain["cpu_s"] / plain["wall_s"]
+    if waiting < 0.1:
+        return ""
+    return (
+        f"  - plain read+write on {corpus} spent {waiting:.0%} of its wall time waiting, "
+        "not computing (the disk was slow in this run): the wall ratios to it flatter "
+        "every contender; compare the per-CPU-second ratios."
+    )
+
+
 def report(rows: list[dict], command: str) -> str:
     """docs/benchmarks.md: the table, the machine and the targets' status."""
     by = {(r["corpus"], r["contender"]): r for r in rows}
@@ -439,9 +456,9 @@ def report(rows: list[dict], command: str) -> str:
             split = _fixed_and_per_file(by, corpus, tool)
             if split:
                 notes.append(split)
-        floor = _start_up_floor(by, corpus)
-        if floor:
-            notes.append(floor)
+        for line in (_start_up_floor(by, corpus), _waiting(by, corpus)):
+            if line:
+                notes.append(line)
     dag = {r["contender"]: r for r in rows if r["corpus"].startswith("CT batch")}
     if LIBRARY in dag and DAG in dag:
         library, airflow = dag[LIBRARY], dag[DAG]

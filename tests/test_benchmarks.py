@@ -13,6 +13,7 @@ from benchmarks.run import (
     WORKER_IMPORTS,
     _fixed_and_per_file,
     _start_up_floor,
+    _waiting,
     report,
 )
 
@@ -114,3 +115,14 @@ def test_the_report_bounds_the_targets_by_the_start_up():
     )
     del by[(START, WORKER_IMPORTS)]
     assert _start_up_floor(by, "CT 1000") == ""
+
+
+def test_the_report_warns_when_plain_io_waited_on_the_disk():
+    by = {("CT 1000", PLAIN): {**_row("CT 1000", PLAIN, 1000, 5.0), "cpu_s": 3.5}}
+    assert _waiting(by, "CT 1000") == (
+        "  - plain read+write on CT 1000 spent 30% of its wall time waiting, not computing"
+        " (the disk was slow in this run): the wall ratios to it flatter every contender;"
+        " compare the per-CPU-second ratios."
+    )
+    by[("CT 1000", PLAIN)]["cpu_s"] = 4.8  # 4 % off the CPU: nothing to say
+    assert _waiting(by, "CT 1000") == ""
