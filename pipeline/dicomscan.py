@@ -7,6 +7,10 @@ depth, anything after the pixel data) and decodes text as pydicom decodes it. It
 encodings trialpipe writes: little endian, explicit or implicit VR, not deflated, text in a
 single character set. For anything else it answers None and the caller uses pydicom.
 tests/test_verify.py holds its answers to pydicom's over every file pydicom ships.
+
+:func:`top_level` walks the same encodings by lengths alone, for the dry run's report:
+where each top-level element lies in the bytes, nothing decoded
+(tests/test_dryrun_report.py holds the report it gives to pydicom's reading).
 """
 
 from __future__ import annotations
@@ -202,11 +206,6 @@ def _raw_header(data: bytes, position: int, implicit: bool) -> tuple[int, str, i
     return tag, _dictionary_vr(tag), length, position + 8
 
 
-@lru_cache(maxsize=4096)
-def _dictionary_vr(tag: int) -> str:
-    return dictionary_VR(tag) if not tag >> 16 & 1 and dictionary_has_tag(tag) else ""
-
-
 def _undefined_end(data: bytes, position: int, implicit: bool) -> tuple[int, int]:
     """For an undefined-length value (sequence items, or pixel data fragments) starting at
     ``position``: where it ends before its sequence delimiter, and where the delimiter
@@ -277,10 +276,16 @@ def element_header(
 
 
 @lru_cache(maxsize=4096)
+def _dictionary_vr(tag: int) -> str:
+    """The dictionary's VR of ``tag``; "" for a private or unknown element."""
+    return dictionary_VR(tag) if not tag >> 16 & 1 and dictionary_has_tag(tag) else ""
+
+
+@lru_cache(maxsize=4096)
 def _implicit_vr(tag: int) -> str:
-    if tag >> 16 & 1 or not dictionary_has_tag(tag):
+    vr = _dictionary_vr(tag)
+    if not vr:
         raise Unsupported  # a private or unknown element: its VR is pydicom's guess
-    vr = dictionary_VR(tag)
     if " or " in vr:
         raise Unsupported  # ambiguous (US or SS...): pydicom resolves it from context
     return vr
